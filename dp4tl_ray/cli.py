@@ -1,0 +1,146 @@
+"""The ``dp4tl`` command: one entry point over the library's stages.
+
+Every stage's flags are generated from its config dataclass, so a flag, a YAML key (``--config``)
+and a field are always the same thing. Bad input exits 2 with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from typing import Any
+
+from dp4tl_ray.config import from_dict, load_yaml
+from dp4tl_ray.errors import UserError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` flag per dataclass field (required fields are positional-free flags)."""
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", help="YAML file with these same keys (flags override it)")
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_ = f"default: {default}" if not required else "required"
+        base = typing.get_args(tp)[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(base) in (list, tuple):
+            item = (typing.get_args(base) or (str,))[0]
+            parser.add_argument(flag, dest=f.name, nargs="+", type=item, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base if base in (int, float) else str, default=None, help=help_)
+
+
+def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    data = load_yaml(args.config) if args.config else {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return from_dict(cls, data, where=cls.__name__)
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from dp4tl_ray.data.synthetic import SynthConfig, generate
+
+    s = generate(_config_from_args(SynthConfig, args))
+    print(f"source: {s.source_dir} ({s.num_classes} classes, {s.num_images} images) in {s.seconds:.1f}s")
+    for t in s.task_dirs:
+        print(f"downstream task: {t}")
+    if s.broken_files:
+        print(f"broken files planted (dirty mode): {len(s.broken_files)}")
+
+
+def _cmd_index(args: argparse.Namespace) -> None:
+    from dp4tl_ray.data.imagefolder import scan_image_folder, write_class_index
+
+    index = scan_image_folder(args.root, args.class_index)
+    write_class_index(index.classes, args.out)
+    print(f"{len(index.classes)} classes, {len(index)} images; class index written to {args.out}")
+
+
+def _cmd_shard(args: argparse.Namespace) -> None:
+    from dp4tl_ray.data.imagefolder import scan_image_folder
+    from dp4tl_ray.data.parquet import shard_image_folder
+
+    shards = shard_image_folder(scan_image_folder(args.root, args.class_index), args.out, args.rows_per_shard)
+    print(f"{shards.num_rows} images in {len(shards.files)} shards under {shards.root}")
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from dp4tl_ray.features import ExtractConfig, extract_features
+
+    store = extract_features(_config_from_args(ExtractConfig, args))
+    print(format_extract_summary(store))
+
+
+def format_extract_summary(store) -> str:
+    """A few lines a person reads after extraction: rows, speed, skipped files."""
+    m = store.manifest
+    lines = [
+        f"FeatureStore {store.path}: {m['num_rows']} rows, d={m['dim']}, top-{m['topk']} of {len(m['classes'])} classes",
+        f"  surrogate {m['surrogate']['arch']} ({m['surrogate'].get('checkpoint') or 'random init'}), "
+        f"{m['images_per_s']} images/s on {m['num_actors']} {m['device']} actor(s)",
+    ]
+    if m["skipped"]:
+        lines.append(f"  skipped {len(m['skipped'])} unreadable file(s):")
+        lines += [f"    {s['path']}: {s['error']}" for s in m["skipped"][:10]]
+        if len(m["skipped"]) > 10:
+            lines.append(f"    ... {len(m['skipped']) - 10} more in {store.path}/manifest.json")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dp4tl_ray.data.synthetic import SynthConfig
+    from dp4tl_ray.features import ExtractConfig
+
+    p = argparse.ArgumentParser(prog="dp4tl", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate, index and shard image datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate a synthetic ImageNet-shaped source + downstream tasks")
+    _add_config_flags(synth, SynthConfig)
+    synth.set_defaults(func=_cmd_synth)
+    index = data.add_parser("index", help="write the class index (class -> label) of a folder tree")
+    index.add_argument("root")
+    index.add_argument("--out", required=True)
+    index.add_argument("--class-index", default=None)
+    index.set_defaults(func=_cmd_index)
+    shard = data.add_parser("shard", help="convert a folder tree into parquet shards (ids and labels kept)")
+    shard.add_argument("root")
+    shard.add_argument("--out", required=True)
+    shard.add_argument("--rows-per-shard", type=int, default=1000)
+    shard.add_argument("--class-index", default=None)
+    shard.set_defaults(func=_cmd_shard)
+
+    extract = sub.add_parser("extract", help="run the surrogate over a dataset with Ray Data -> FeatureStore")
+    _add_config_flags(extract, ExtractConfig)
+    extract.set_defaults(func=_cmd_extract)
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse and run; returns the exit code (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"dp4tl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+__all__ = ["main", "run", "build_parser", "format_extract_summary"]

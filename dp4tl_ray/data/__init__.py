@@ -1,0 +1,1 @@
+"""Data sources: ImageNet-style folder trees, parquet shards, and the synthetic generator."""

@@ -1,0 +1,95 @@
+"""The CPU decode stage shared by every reader: bytes or path -> resized, centre-cropped RGB uint8.
+
+Unreadable images (truncated, empty, not an image) are dropped from the stream and recorded in a
+:class:`SkipLedger` actor, so a run goes on and its summary lists exactly what was skipped.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How images are decoded: resize the shorter side to ``resize``, centre-crop ``size``."""
+
+    size: int = 224
+    resize: int = 256
+
+    def __post_init__(self) -> None:
+        from dp4tl_ray.errors import UserError
+
+        if self.size < 8 or self.resize < self.size:
+            raise UserError(f"bad image size {self.size}/resize {self.resize}: need 8 <= size <= resize")
+
+
+def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
+    """Decode one encoded image to ``uint8[size, size, 3]`` (eval transform: resize + centre crop)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (spec.resize, spec.resize))  # JPEG DCT-domain downscale: much faster decode
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = spec.resize / min(w, h)
+        if (w, h) != (round(w * scale), round(h * scale)):
+            img = img.resize((max(spec.size, round(w * scale)), max(spec.size, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - spec.size) // 2, (h - spec.size) // 2
+        img = img.crop((left, top, left + spec.size, top + spec.size))
+        return np.asarray(img, dtype=np.uint8)
+
+
+class SkipLedgerActor:
+    """Collects ``(id, path, error)`` of images the decode stage could not read."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[str, str]] = {}
+
+    def record(self, rows: list[tuple[int, str, str]]) -> None:
+        for rid, path, err in rows:
+            self._rows[int(rid)] = (path, err)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"id": i, "path": p, "error": e} for i, (p, e) in sorted(self._rows.items())]
+
+
+def new_skip_ledger():
+    """Start a ledger actor (no CPU reserved: it only appends to a dict)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(SkipLedgerActor).remote()
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | None = None, ledger=None) -> dict[str, np.ndarray]:
+    """Ray Data UDF: rows with ``image`` bytes (parquet) or ``path`` (folder) -> ``id, label, image``.
+
+    Rows that fail to decode are dropped; with a ledger they are recorded there first.
+    """
+    ids, labels = batch["id"], batch["label"]
+    keep, images, bad = [], [], []
+    for i in range(len(ids)):
+        where = str(batch["path"][i]) if "path" in batch else f"id={int(ids[i])}"
+        try:
+            if "image" in batch:
+                data = batch["image"][i]
+            else:
+                data = (Path(root) / where).read_bytes()
+            images.append(decode_image(data, spec))
+            keep.append(i)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and recorded
+            bad.append((int(ids[i]), where, f"{type(e).__name__}: {e}"[:200]))
+    if bad and ledger is not None:
+        import ray
+
+        ray.get(ledger.record.remote(bad))
+    keep_idx = np.asarray(keep, dtype=np.int64)
+    return {
+        "id": np.asarray(ids)[keep_idx].astype(np.int64),
+        "label": np.asarray(labels)[keep_idx].astype(np.int32),
+        "image": np.stack(images) if images else np.zeros((0, spec.size, spec.size, 3), np.uint8),
+    }

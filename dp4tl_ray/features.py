@@ -1,0 +1,298 @@
+"""Surrogate feature extraction with Ray Data, and the FeatureStore it writes.
+
+Pipeline: index/shards -> CPU decode tasks (:mod:`dp4tl_ray.data.decode`) -> an actor pool of
+:class:`SurrogateEmbedder` (one actor per GPU, or CPU actors) -> parquet shards. Per row the store
+holds ``id, label, feature`` (L2-normalised penultimate feature), ``topk_idx, topk_logit``.
+The store is content-addressed: its ``store_key`` hashes everything the rows depend on, so a
+second run on unchanged inputs reuses it and a changed input rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dp4tl_ray import atomic
+from dp4tl_ray.data.decode import DecodeSpec, decode_batch, new_skip_ledger
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.models import ModelSpec
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+STORE_FORMAT = 1
+
+
+class SurrogateEmbedder:
+    """Ray Data callable class: ``id, label, image`` uint8 batches -> feature rows (a pyarrow Table).
+
+    On GPU it runs bf16 autocast with channels_last; on CPU fp32 with ``torch_threads`` threads.
+    """
+
+    def __init__(self, spec: ModelSpec, checkpoint: str | None, topk: int = 5, seed: int = 0, torch_threads: int = 1):
+        import torch
+
+        from dp4tl_ray.models import load_model
+
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, torch_threads))
+        model = load_model(spec, checkpoint, seed).eval().to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.topk = min(topk, spec.num_classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            feats = self.model.features(x)
+            logits = self.model.net.fc(feats)
+        feats = torch.nn.functional.normalize(feats.float(), dim=1).cpu().numpy()
+        top_logit, top_idx = logits.float().topk(self.topk, dim=1)
+        return feature_table(batch["id"], batch["label"], feats, top_idx.cpu().numpy(), top_logit.cpu().numpy())
+
+
+def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_logit: np.ndarray) -> pa.Table:
+    """Rows in the FeatureStore schema (``feature`` as ``fixed_size_list<float32>[d]``)."""
+    n, d = feats.shape
+    k = topk_idx.shape[1]
+
+    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=typ))
+
+    return pa.table(
+        {
+            "id": pa.array(np.asarray(ids, dtype=np.int64)),
+            "label": pa.array(np.asarray(labels, dtype=np.int32)),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=pa.float32()), d),
+            "topk_idx": lists(topk_idx.astype(np.int32), pa.int32()),
+            "topk_logit": lists(topk_logit.astype(np.float32), pa.float32()),
+        }
+    )
+
+
+@dataclass
+class ExtractConfig:
+    """One extraction run: which images, which surrogate, how to run the pool."""
+
+    source: str  # an ImageNet-style folder (``train/``) or a directory of parquet shards
+    out: str  # the FeatureStore directory
+    format: str = "auto"  # folder | parquet | auto (parquet if the dir holds *.parquet)
+    class_index: str | None = None  # JSON {class: index}; default: sorted class folders
+    arch: str = "resnet18"
+    checkpoint: str | None = None  # local weights; None = seeded random init (smoke tests only)
+    num_classes: int | None = None  # default: number of source classes
+    small_input: bool = False
+    image_size: int = 224
+    resize_size: int | None = None  # default: image_size * 8/7 (224 -> 256)
+    topk: int = 5
+    batch_size: int = 128
+    num_actors: int | None = None  # default: number of GPUs, else CPUs - 1 (one CPU left for decode)
+    rows_per_block: int = 256
+    seed: int = 0
+    mean: tuple[float, ...] | None = None  # default: the checkpoint's, else ImageNet's
+    std: tuple[float, ...] | None = None
+
+    def decode_spec(self) -> DecodeSpec:
+        return DecodeSpec(self.image_size, self.resize_size or round(self.image_size * 8 / 7))
+
+    def validate(self) -> None:
+        if self.format not in ("auto", "folder", "parquet"):
+            raise UserError(f"format must be folder, parquet or auto, got {self.format!r}")
+        for name in ("topk", "batch_size", "rows_per_block"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise UserError(f"num_actors must be >= 1, got {self.num_actors}")
+        self.decode_spec()
+
+
+@dataclass
+class FeatureStore:
+    """An opened FeatureStore directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> FeatureStore:
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise UserError(f"{path} is not a FeatureStore (no {MANIFEST}); create it with `dp4tl extract`")
+        return cls(path, json.loads(mf.read_text()))
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.glob("*.parquet") if not p.name.startswith("."))
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole store as one Arrow table sorted by id (small stores, tests and tools)."""
+        table = pq.ParquetDataset(self.files).read(columns=columns)
+        return table.sort_by("id")
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``ids, labels, features[n, d], topk_idx[n, k]`` as numpy, sorted by id."""
+        t = self.read(["id", "label", "feature", "topk_idx"])
+        feats = feature_matrix(t.column("feature"))
+        k = int(self.manifest["topk"])
+        topk = np.asarray(t.column("topk_idx").combine_chunks().flatten(), dtype=np.int32).reshape(-1, k)
+        return t.column("id").to_numpy(), t.column("label").to_numpy(), feats, topk
+
+    def dataset(self, columns: list[str] | None = None):
+        """The store as a Ray Dataset (streams; nothing gathered on the driver)."""
+        import ray.data
+
+        return ray.data.read_parquet([str(f) for f in self.files], columns=columns)
+
+
+def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """``fixed_size_list<float32>[d]`` column -> ``float32[n, d]`` (no copy where possible)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    d = arr.type.list_size
+    return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, d)
+
+
+def _resolve_source(cfg: ExtractConfig):
+    """Open the source as a folder index or a shard set, whichever ``cfg`` names."""
+    from dp4tl_ray.data.imagefolder import scan_image_folder
+    from dp4tl_ray.data.parquet import open_shards
+
+    src = Path(cfg.source)
+    if not src.is_dir():
+        raise UserError(f"source {src} does not exist; pass an image folder (e.g. <root>/train) or a shard directory")
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "parquet" if any(src.glob("*.parquet")) else "folder"
+    if fmt == "parquet":
+        shards = open_shards(src)
+        if cfg.class_index is not None:
+            from dp4tl_ray.data.imagefolder import read_class_index
+
+            if read_class_index(cfg.class_index) != shards.classes:
+                raise UserError(f"class index {cfg.class_index} differs from the shards' class_index.json; re-shard with it")
+        return fmt, shards.classes, shards.num_rows, shards.fingerprint, shards
+    index = scan_image_folder(src, cfg.class_index)
+    return fmt, index.classes, len(index), index.fingerprint, index
+
+
+def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
+    from dp4tl_ray.models import IMAGENET_MEAN, IMAGENET_STD, spec_from_checkpoint
+
+    base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
+    if cfg.checkpoint:
+        saved = spec_from_checkpoint(cfg.checkpoint, base)
+        # The checkpoint's normalisation wins unless given explicitly: the surrogate sees what it was trained on.
+        base = ModelSpec(base.arch, base.num_classes, base.small_input, cfg.mean or saved.mean, cfg.std or saved.std)
+        ident = {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": atomic.sha256_file(cfg.checkpoint)}
+    else:
+        ident = {"checkpoint": None, "random_init_seed": cfg.seed}
+    return base, {"name": cfg.arch, **asdict(base), **ident}
+
+
+def _decode_task_memory(decode: DecodeSpec, rows: int) -> int:
+    """Bytes a decode task holds: decoded block (uint8) plus PIL working buffers, at least 64 MiB."""
+    return max(64 << 20, 4 * rows * decode.resize * decode.resize * 3)
+
+
+def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
+    """Run the surrogate over ``cfg.source`` and write (or reuse) the FeatureStore at ``cfg.out``."""
+    import ray
+
+    cfg.validate()
+    fmt, classes, n_rows, fingerprint, source = _resolve_source(cfg)
+    spec, surrogate = _surrogate_identity(cfg, len(classes))
+    decode = cfg.decode_spec()
+    key_doc = {"format": STORE_FORMAT, "surrogate": surrogate, "source_fingerprint": fingerprint,
+               "decode": asdict(decode), "topk": cfg.topk}
+    store_key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()
+    out = Path(cfg.out)
+    if (out / MANIFEST).is_file():
+        existing = FeatureStore.open(out)
+        if existing.manifest.get("store_key") == store_key:
+            log.info("FeatureStore %s is up to date (key %s): reusing it", out, store_key[:12])
+            return existing
+        log.info("FeatureStore %s is stale (inputs changed): rebuilding", out)
+
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    num_actors = cfg.num_actors or (gpus if gpus else max(1, cpus - 1))
+    threads = 1 if gpus else max(1, (cpus - 1) // num_actors)
+
+    ledger = new_skip_ledger()
+    if fmt == "parquet":
+        from dp4tl_ray.data.parquet import shards_dataset
+
+        ds, root = shards_dataset(source), None
+    else:
+        from dp4tl_ray.data.imagefolder import index_dataset
+
+        ds, root = index_dataset(source, cfg.rows_per_block), str(source.root)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"spec": decode, "root": root, "ledger": ledger},
+                        batch_size=cfg.rows_per_block, num_cpus=1,
+                        # A memory reservation sized to the decoded block; it also keeps decode in its own
+                        # CPU tasks (not fused into the model actors), so decode overlaps inference.
+                        memory=_decode_task_memory(decode, cfg.rows_per_block))
+    ds = ds.map_batches(
+        SurrogateEmbedder,
+        fn_constructor_kwargs={"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
+                               "torch_threads": threads},
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=cfg.batch_size,
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else threads,
+        batch_format="numpy",
+    )
+    t0 = time.perf_counter()
+    with atomic.directory(out) as tmp:
+        ds.write_parquet(str(tmp), min_rows_per_file=max(cfg.batch_size, 10_000 if n_rows > 100_000 else 1))
+        seconds = time.perf_counter() - t0
+        skipped = ray.get(ledger.rows.remote())
+        files = sorted(p for p in tmp.glob("*.parquet"))
+        written = sum(pq.read_metadata(f).num_rows for f in files)
+        if written + len(skipped) != n_rows:
+            raise RuntimeError(f"extraction lost rows: {written} written + {len(skipped)} skipped != {n_rows} inputs")
+        if not files:
+            raise UserError(f"no readable image in {cfg.source}: all {n_rows} files were skipped (see e.g. {skipped[:1]})")
+        manifest = {
+            "store_key": store_key, "format": STORE_FORMAT, "source": str(cfg.source), "source_format": fmt,
+            "source_fingerprint": fingerprint, "surrogate": surrogate, "decode": asdict(decode),
+            "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes), "num_rows": written,
+            "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
+            "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": num_actors, "device": "gpu" if gpus else "cpu",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic.write_json(tmp / MANIFEST, manifest)
+    ray.kill(ledger)
+    return FeatureStore(out, manifest)
+
+
+__all__ = ["ExtractConfig", "FeatureStore", "SurrogateEmbedder", "extract_features", "feature_table", "feature_matrix"]

@@ -1,0 +1,502 @@
+"""Distributed Lloyd k-means over Ray actors (Feature Mapping's clusters), with a FAISS reference.
+
+The Lloyd step is pure numpy (``assign`` -> ``partial_sums`` -> ``update_centroids``), shaped like
+faiss ``contrib/clustering.py``: a shard only has to assign its rows and return per-centroid sums.
+Ray only moves centroids (k x d) to the shard actors and sums back; features never leave an actor.
+Results land next to the features in ``<store>/kmeans/k<k>-seed<seed>[-spherical]/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dp4tl_ray import atomic
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.features import MANIFEST, FeatureStore, feature_matrix
+
+log = logging.getLogger(__name__)
+
+SPLIT_EPS = 1e-3  # relative size of the nudge that splits a large cluster to re-seed an empty one
+TORCH_CHUNK_BYTES = 256 << 20  # GPU memory for one chunk of the (rows x k) distance matrix
+
+
+@dataclass
+class KMeansConfig:
+    """One k-means run: clusters, iterations, seed, and how many shard actors to use."""
+
+    k: int
+    niter: int = 20
+    seed: int = 0
+    spherical: bool = False  # unit-norm centroids (cosine k-means on L2-normalised features)
+    num_actors: int = 2
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    init_sample: int = 100_000  # rows used for k-means++ init
+
+    def validate(self, n_rows: int) -> None:
+        """Raise UserError naming the fix for a config that cannot cluster ``n_rows`` points."""
+        if self.k < 1:
+            raise UserError(f"k must be >= 1, got {self.k}")
+        if self.k > n_rows:
+            raise UserError(f"k={self.k} exceeds the {n_rows} rows to cluster; choose k <= {n_rows}")
+        if self.niter < 1:
+            raise UserError(f"niter must be >= 1, got {self.niter}")
+        if not 0 <= self.seed < 2**31:
+            raise UserError(f"seed must be in [0, 2**31), got {self.seed}")
+        if self.num_actors < 1:
+            raise UserError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:
+            raise UserError("num_cpus_per_actor must be > 0 and num_gpus_per_actor >= 0")
+        if self.init_sample < self.k:
+            raise UserError(f"init_sample={self.init_sample} is below k={self.k}; raise init_sample to at least k")
+
+    @property
+    def name(self) -> str:
+        """Directory name of this run's result under ``<store>/kmeans/``."""
+        return f"k{self.k}-seed{self.seed}" + ("-spherical" if self.spherical else "")
+
+
+@dataclass
+class KMeansResult:
+    """Centroids, objective per iteration (sum of squared L2 distances), and where the result lives."""
+
+    centroids: np.ndarray
+    objective: list[float]
+    backend: str
+    sizes: np.ndarray
+    out_dir: Path | None
+    seconds: float
+
+
+# --- assignment backends ---------------------------------------------------------------------------
+
+
+class FaissCpuBackend:
+    """Exact nearest centroid with FAISS brute force on the CPU (BLAS, OpenMP threads)."""
+
+    name = "faiss-cpu"
+
+    def put(self, x: np.ndarray):
+        return x
+
+    def search(self, x, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        sq, labels = faiss.knn(x, centroids, 1)
+        return labels.ravel(), np.maximum(sq.ravel(), 0)
+
+
+class FaissGpuBackend(FaissCpuBackend):
+    """FAISS brute force on GPU 0 (needs a faiss-gpu build with kernels for this GPU)."""
+
+    name = "faiss-gpu"
+
+    def __init__(self):
+        import faiss
+
+        self.res = faiss.StandardGpuResources()
+
+    def search(self, x, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        sq, labels = faiss.knn_gpu(self.res, x, centroids, 1)
+        return labels.ravel().astype(np.int64), np.maximum(sq.ravel(), 0)
+
+
+class TorchCudaBackend:
+    """Chunked ``|x|^2 - 2 x.c + |c|^2`` matmul + argmin with torch on the GPU (fp32, no TF32)."""
+
+    name = "torch-cuda"
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device("cuda")
+
+    def put(self, x: np.ndarray):
+        """Keep the shard on the GPU when it fits; otherwise chunks are copied each search."""
+        try:
+            return self.torch.from_numpy(x).to(self.device)
+        except self.torch.OutOfMemoryError:
+            return x
+
+    def search(self, x, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
+        c_sq = (c * c).sum(1)
+        rows = max(1, TORCH_CHUNK_BYTES // (4 * len(c)))
+        labels, sq = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            for s in range(0, len(x), rows):
+                xb = torch.as_tensor(x[s : s + rows], device=self.device)
+                dist = (xb * xb).sum(1, keepdim=True) - 2 * (xb @ c.T) + c_sq
+                best, idx = dist.min(1)
+                labels[s : s + rows] = idx.cpu().numpy()
+                sq[s : s + rows] = best.clamp_min_(0).cpu().numpy()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        return labels, sq
+
+
+AssignBackend = FaissCpuBackend | FaissGpuBackend | TorchCudaBackend
+
+
+def _search_works(backend: AssignBackend) -> bool:
+    """Probe a backend on a tiny problem whose answer is known."""
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    x = c[::-1] + np.float32(1e-3)
+    try:
+        labels, _ = backend.search(backend.put(np.ascontiguousarray(x)), c)
+    except Exception as e:  # e.g. CUDA "no kernel image is available for execution on the device"
+        log.warning("k-means backend %s failed its probe: %s", backend.name, str(e).splitlines()[0] if str(e) else e)
+        return False
+    return np.array_equal(labels, np.arange(16)[::-1])
+
+
+@functools.cache
+def probe_backend(use_gpu: bool) -> AssignBackend:
+    """The assignment backend for this process: FAISS GPU, else torch CUDA, else FAISS CPU (logged)."""
+    backend: AssignBackend = FaissCpuBackend()
+    if use_gpu:
+        import faiss
+
+        candidates = []
+        if faiss.get_num_gpus() > 0:
+            candidates.append(FaissGpuBackend)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                candidates.append(TorchCudaBackend)
+        except ImportError:
+            pass
+        for make in candidates:
+            try:
+                cand = make()
+            except Exception as e:
+                log.warning("k-means backend %s unavailable: %s", make.name, e)
+                continue
+            if _search_works(cand):
+                backend = cand
+                break
+    log.info("k-means assignment backend: %s", backend.name)
+    return backend
+
+
+# --- the Lloyd step (pure numpy) -------------------------------------------------------------------
+
+
+def assign(x, centroids: np.ndarray, backend: AssignBackend | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid per row: ``labels int64[n], sq_dists float32[n]`` (squared L2).
+
+    ``x`` is a float32 matrix, or what ``backend.put`` returned for it (a GPU tensor for torch).
+    """
+    backend = backend or FaissCpuBackend()
+    return backend.search(x, np.ascontiguousarray(centroids, dtype=np.float32))
+
+
+def partial_sums(x: np.ndarray, labels: np.ndarray, sq_dists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-centroid ``sums float64[k, d]``, ``counts int64[k]`` and the shard's objective.
+
+    Rows are added in their stored order within each cluster, in float64, so the result is the
+    same on every run; sums over shards add up to the sums over the whole.
+    """
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    rows = x[np.argsort(labels, kind="stable")]
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    sums = np.zeros((k, x.shape[1]), np.float64)
+    for j in np.flatnonzero(counts):
+        sums[j] = rows[bounds[j] : bounds[j + 1]].sum(axis=0, dtype=np.float64)
+    return sums, counts, float(np.sum(sq_dists, dtype=np.float64))
+
+
+def update_centroids(
+    sums: np.ndarray, counts: np.ndarray, old_centroids: np.ndarray, spherical: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """New float32 centroids = sums / counts; each empty cluster re-seeded by splitting the largest.
+
+    A split moves the largest cluster's centroid a small random step one way and puts the empty one
+    the same step the other way, halving its count (so several empties split different clusters).
+    An empty cluster with nothing to split (fewer points than clusters) keeps its old centroid.
+    Spherical mode scales every centroid to unit norm.
+    """
+    counts = np.asarray(counts, np.int64).copy()
+    cents = np.asarray(old_centroids, np.float64).copy()
+    full = counts > 0
+    cents[full] = sums[full] / counts[full, None]
+    for e in np.flatnonzero(~full):
+        j = int(np.argmax(counts))
+        if counts[j] < 2:
+            break
+        scale = np.linalg.norm(cents[j]) or 1.0
+        step = rng.standard_normal(cents.shape[1]) * (SPLIT_EPS * scale / np.sqrt(cents.shape[1]))
+        cents[e], cents[j] = cents[j] + step, cents[j] - step
+        counts[e] = counts[j] // 2
+        counts[j] -= counts[e]
+    if spherical:
+        cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
+    return cents.astype(np.float32)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mixer: distinct inputs give distinct, well-spread keys."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded pseudo-random ``uint64`` key per row id; the init sample is the rows with the smallest keys.
+
+    Keys depend only on (id, seed), so the sample is the same however rows are split into shards.
+    """
+    salt = _splitmix64(np.array([seed], np.uint64))
+    return _splitmix64(np.asarray(ids).astype(np.uint64) ^ salt)
+
+
+def key_threshold(smallest_keys: list[np.ndarray], m: int) -> np.uint64:
+    """The ``m``-th smallest key over all shards' smallest-key lists (all of them if fewer)."""
+    keys = np.sort(np.concatenate(smallest_keys))
+    return keys[min(m, len(keys)) - 1]
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding: each step draws ``2 + ln k`` D^2-weighted candidates and keeps the one
+    that lowers the potential most (plain k-means++ often seeds two centroids in one planted cluster).
+    Deterministic for a given ``rng`` state.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    trials = 2 + int(np.log(k))
+
+    def sq_dists_to(rows: np.ndarray) -> np.ndarray:
+        return np.maximum(x_sq[:, None] - 2 * (x @ x[rows].T).astype(np.float64) + x_sq[rows], 0)
+
+    chosen = [int(rng.integers(len(x)))]
+    best = sq_dists_to(np.array(chosen))[:, 0]
+    for _ in range(1, k):
+        cum = np.cumsum(best)
+        if cum[-1] > 0:
+            cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), len(x) - 1)
+        else:  # fewer distinct points than k: any rows will do
+            cand = rng.integers(len(x), size=trials)
+        new_best = np.minimum(best[:, None], sq_dists_to(cand))
+        t = int(np.argmin(new_best.sum(axis=0)))
+        chosen.append(int(cand[t]))
+        best = new_best[:, t]
+    return x[chosen].copy()
+
+
+def init_centroids(sample: np.ndarray, cfg: KMeansConfig) -> np.ndarray:
+    """Seeded k-means++ on the init sample (rows ordered by key), unit-normed in spherical mode."""
+    cents = kmeans_plus_plus(sample, cfg.k, np.random.default_rng(cfg.seed))
+    if cfg.spherical:
+        cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
+    return cents
+
+
+def _rows_by_key(keys: np.ndarray, x: np.ndarray, threshold: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    sel = np.flatnonzero(keys <= threshold)
+    return keys[sel], x[sel]
+
+
+def _smallest(keys: np.ndarray, m: int) -> np.ndarray:
+    return np.sort(keys) if len(keys) <= m else np.sort(np.partition(keys, m - 1)[:m])
+
+
+def _sample_from(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Concatenate ``(keys, rows)`` parts and order the rows by key."""
+    keys = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    return rows[np.argsort(keys, kind="stable")]
+
+
+# --- Ray plumbing ----------------------------------------------------------------------------------
+
+
+def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order."""
+    table = pa.concat_tables([pq.read_table(p, columns=["id", "feature"]) for p in paths])
+    return table.column("id").to_numpy(), np.ascontiguousarray(feature_matrix(table.column("feature")))
+
+
+class ShardWorker:
+    """Holds one group of parquet files in memory and runs the Lloyd step on it (a Ray actor)."""
+
+    def __init__(self, paths: list[str], use_gpu: bool = False, threads: int = 1):
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
+        self.ids, self.x = read_shard([Path(p) for p in paths])
+        self.backend = probe_backend(use_gpu)
+        self.xq = self.backend.put(self.x)
+
+    def info(self) -> tuple[int, str]:
+        return len(self.ids), self.backend.name
+
+    def smallest_keys(self, seed: int, m: int) -> np.ndarray:
+        return _smallest(sample_keys(self.ids, seed), m)
+
+    def sample_rows(self, seed: int, threshold: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+        return _rows_by_key(sample_keys(self.ids, seed), self.x, threshold)
+
+    def step(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        labels, sq = assign(self.xq, centroids, self.backend)
+        return partial_sums(self.x, labels, sq, len(centroids))
+
+    def final_assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels, sq = assign(self.xq, centroids, self.backend)
+        return self.ids, labels.astype(np.int32), sq.astype(np.float32)
+
+
+def _reusable(out_dir: Path, meta: dict) -> dict | None:
+    """The stored kmeans.json when ``out_dir`` holds a complete result for exactly ``meta``'s inputs."""
+    path = out_dir / "kmeans.json"
+    if not (path.is_file() and (out_dir / "centroids.npy").is_file() and (out_dir / "assign.parquet").is_file()):
+        return None
+    stored = json.loads(path.read_text())
+    return stored if all(stored.get(key) == value for key, value in meta.items()) else None
+
+
+def _write_result(out_dir: Path, centroids: np.ndarray, ids: np.ndarray, labels: np.ndarray, sq: np.ndarray, doc: dict) -> None:
+    with atomic.directory(out_dir) as tmp:
+        np.save(tmp / "centroids.npy", centroids)
+        table = pa.table({"id": pa.array(ids, pa.int64()), "cluster": pa.array(labels, pa.int32()),
+                          "sq_dist": pa.array(sq, pa.float32())})
+        pq.write_table(table, tmp / "assign.parquet")
+        atomic.write_json(tmp / "kmeans.json", doc)
+
+
+def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult:
+    """Lloyd k-means over a FeatureStore with one Ray actor per group of shards; reuses a finished run.
+
+    Per iteration only the centroids go out (one ``ray.put``) and per-actor float64 sums, counts and
+    objective come back, added in actor order so the same seed and data give the same centroids.
+    """
+    import ray
+
+    store = FeatureStore.open(store_dir)
+    n, d = store.num_rows, store.dim
+    cfg.validate(n)
+    out_dir = store.path / "kmeans" / cfg.name
+    meta = {"k": cfg.k, "d": d, "niter": cfg.niter, "seed": cfg.seed, "spherical": cfg.spherical,
+            "init_sample": cfg.init_sample, "n_rows": n, "manifest_sha256": atomic.sha256_file(store.path / MANIFEST)}
+    stored = _reusable(out_dir, meta)
+    if stored is not None:
+        log.info("k-means result %s is up to date: reusing it", out_dir)
+        return KMeansResult(np.load(out_dir / "centroids.npy"), stored["objective"], stored["backend"],
+                            np.asarray(stored["sizes"], np.int64), out_dir, stored["seconds"])
+    files = store.files
+    if not files:
+        raise UserError(f"FeatureStore {store.path} has no parquet files; re-run `dp4tl extract`")
+    if not ray.is_initialized():
+        ray.init()
+
+    t0 = time.perf_counter()
+    use_gpu = cfg.num_gpus_per_actor > 0
+    worker = ray.remote(ShardWorker).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
+    groups = [g for g in np.array_split(np.array([str(f) for f in files], dtype=object), min(cfg.num_actors, len(files)))]
+    actors = [worker.remote(list(g), use_gpu, int(cfg.num_cpus_per_actor)) for g in groups]
+    try:
+        infos = ray.get([a.info.remote() for a in actors])
+        if sum(i[0] for i in infos) != n:
+            raise UserError(f"FeatureStore {store.path} holds {sum(i[0] for i in infos)} rows, manifest says {n}; re-extract it")
+        backend = "+".join(sorted({i[1] for i in infos}))
+        log.info("k-means: %d rows x %d dims, k=%d, %d actors, backend %s", n, d, cfg.k, len(actors), backend)
+
+        m = min(cfg.init_sample, n)
+        threshold = key_threshold(ray.get([a.smallest_keys.remote(cfg.seed, m) for a in actors]), m)
+        sample = _sample_from(ray.get([a.sample_rows.remote(cfg.seed, threshold) for a in actors]))
+        centroids = init_centroids(sample, cfg)
+
+        rng = np.random.default_rng(cfg.seed)
+        objective = []
+        for it in range(cfg.niter):
+            ref = ray.put(centroids)
+            parts = ray.get([a.step.remote(ref) for a in actors])
+            sums, counts = parts[0][0].copy(), parts[0][1].copy()
+            for s, c, _ in parts[1:]:
+                sums += s
+                counts += c
+            objective.append(float(sum(p[2] for p in parts)))
+            log.debug("k-means iteration %d: objective %.6g", it, objective[-1])
+            centroids = update_centroids(sums, counts, centroids, cfg.spherical, rng)
+
+        ref = ray.put(centroids)
+        parts = ray.get([a.final_assign.remote(ref) for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
+        raise UserError(f"FeatureStore {store.path} has duplicate ids; re-extract it")
+    labels = np.concatenate([p[1] for p in parts])[order]
+    sq = np.concatenate([p[2] for p in parts])[order]
+    sizes = np.bincount(labels, minlength=cfg.k)
+    seconds = time.perf_counter() - t0
+    doc = {**meta, "objective": objective, "final_objective": float(np.sum(sq, dtype=np.float64)),
+           "backend": backend, "num_actors": len(actors), "sizes": sizes.tolist(), "seconds": round(seconds, 3)}
+    _write_result(out_dir, centroids, ids, labels, sq, doc)
+    return KMeansResult(centroids, objective, backend, sizes, out_dir, seconds)
+
+
+def kmeans_single(x: np.ndarray, cfg: KMeansConfig) -> KMeansResult:
+    """Single-process ``faiss.Kmeans`` on all of ``x`` from the same seeded k-means++ init (the reference).
+
+    Row ``i`` plays the part of id ``i`` when drawing the init sample, so a store whose ids are
+    ``0..n-1`` gives ``kmeans_distributed`` the same starting centroids.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    cfg.validate(n)
+    t0 = time.perf_counter()
+    keys = sample_keys(np.arange(n), cfg.seed)
+    m = min(cfg.init_sample, n)
+    init = init_centroids(_sample_from([_rows_by_key(keys, x, key_threshold([_smallest(keys, m)], m))]), cfg)
+    backend = probe_backend(use_gpu=faiss.get_num_gpus() > 0)
+    gpu = backend.name == "faiss-gpu"
+    km = faiss.Kmeans(d, cfg.k, niter=cfg.niter, seed=cfg.seed, spherical=cfg.spherical,
+                      max_points_per_centroid=n, min_points_per_centroid=1, gpu=gpu)
+    km.train(x, init_centroids=init)
+    objective = [float(v) for v in km.obj]
+    if cfg.spherical:  # faiss reports summed inner products; with unit centroids |x-c|^2 = |x|^2 + 1 - 2 x.c
+        x_sq = float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+        objective = [x_sq + n - 2 * v for v in objective]
+    labels, _ = assign(x, km.centroids, backend)
+    sizes = np.bincount(labels, minlength=cfg.k)
+    return KMeansResult(km.centroids.copy(), objective, "faiss-gpu" if gpu else "faiss-cpu", sizes, None,
+                        time.perf_counter() - t0)
+
+
+def load_assignments(out_dir: str | Path) -> pa.Table:
+    """The per-row ``id, cluster, sq_dist`` table of a finished run (sorted by id)."""
+    path = Path(out_dir) / "assign.parquet"
+    if not path.is_file():
+        raise UserError(f"no k-means assignments at {path}; run k-means on the FeatureStore first")
+    return pq.read_table(path)
+
+
+__all__ = [
+    "KMeansConfig", "KMeansResult", "ShardWorker", "assign", "init_centroids", "kmeans_distributed",
+    "kmeans_plus_plus", "kmeans_single", "key_threshold", "load_assignments", "partial_sums", "probe_backend",
+    "read_shard", "sample_keys", "update_centroids",
+]

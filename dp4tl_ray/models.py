@@ -1,0 +1,150 @@
+"""torchvision backbones by name, and safe loading of local checkpoints (never downloads).
+
+A :class:`Surrogate` wraps a torchvision ResNet-family net, takes float images in [0, 1] and
+normalises inside the model (so attacks and augmentations work in pixel space). Its inner
+``net`` keeps torchvision's state-dict keys, so a local torchvision weights file loads as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from dp4tl_ray.errors import UserError
+
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelSpec:
+    """What a checkpoint must match: architecture, head size, stem and input normalisation."""
+
+    arch: str = "resnet18"
+    num_classes: int = 1000
+    small_input: bool = False  # 3x3 stride-1 stem, no max-pool: for 32-64 px images
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise UserError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.num_classes < 1:
+            raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
+        self.mean, self.std = tuple(map(float, self.mean)), tuple(map(float, self.std))
+
+
+class Surrogate(nn.Module):
+    """A torchvision ResNet with in-model normalisation and access to its penultimate features."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        net = getattr(torchvision.models, spec.arch)(weights=None, num_classes=spec.num_classes)
+        if spec.small_input:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.net.fc.in_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate (pooled) features of images ``x`` in [0, 1], shape ``[N, feature_dim]``."""
+        n = self.net
+        x = (x - self.mean) / self.std
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return torch.flatten(n.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(self.features(x))
+
+
+def build_model(spec: ModelSpec, seed: int | None = 0) -> Surrogate:
+    """A freshly initialised model; ``seed`` makes the initial weights reproducible."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Surrogate(spec)
+    return Surrogate(spec)
+
+
+def save_checkpoint(model: Surrogate, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save ``{"model": net state dict, "spec": ..., **extra}`` atomically."""
+    from dp4tl_ray import atomic
+
+    payload = {"model": model.net.state_dict(), "spec": asdict(model.spec), **(extra or {})}
+    with atomic.file_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a local checkpoint safely (``weights_only=True``); plain state dicts are wrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass a local .pt file (nothing is downloaded)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors vary; all mean "not a usable checkpoint"
+        raise UserError(f"checkpoint {path} cannot be read safely ({type(e).__name__}); pass a state-dict .pt file") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    if "model" not in obj and "state_dict" not in obj:
+        obj = {"model": obj}
+    state = obj.get("model", obj.get("state_dict"))
+    obj["model"] = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
+    return obj
+
+
+def load_model(spec: ModelSpec, checkpoint: str | Path | None, seed: int = 0) -> Surrogate:
+    """Build ``spec`` and load ``checkpoint`` into it; a checkpoint of another model is a one-line error."""
+    model = build_model(spec, seed)
+    if checkpoint is None:
+        return model
+    ckpt = load_checkpoint(checkpoint)
+    saved = ckpt.get("spec")
+    if isinstance(saved, dict):
+        for key in ("arch", "num_classes", "small_input"):
+            if key in saved and saved[key] != getattr(spec, key):
+                raise UserError(
+                    f"checkpoint {checkpoint} is {key}={saved[key]!r} but {key}={getattr(spec, key)!r} was asked; "
+                    f"pass --{key.replace('_', '-')} {saved[key]} or the right checkpoint"
+                )
+    own = model.net.state_dict()
+    state = ckpt["model"]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{name}: {keys[:3]}" for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys
+        )
+        raise UserError(f"checkpoint {checkpoint} does not fit {spec.arch} with {spec.num_classes} classes ({detail}); pass the matching --arch/--num-classes")
+    model.net.load_state_dict(state)
+    return model
+
+
+def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
+    """The spec a checkpoint was saved with (our own checkpoints), else ``default``."""
+    saved = load_checkpoint(path).get("spec")
+    if not isinstance(saved, dict):
+        return default
+    fields = {k: saved[k] for k in asdict(default) if k in saved}
+    return ModelSpec(**{**asdict(default), **fields})
+
+
+__all__ = ["ARCHS", "ModelSpec", "Surrogate", "build_model", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint"]
