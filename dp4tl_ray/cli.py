@@ -85,7 +85,8 @@ def format_extract_summary(store) -> str:
     """A few lines a person reads after extraction: rows, speed, skipped files."""
     m = store.manifest
     lines = [
-        f"FeatureStore {store.path}: {m['num_rows']} rows, d={m['dim']}, top-{m['topk']} of {len(m['classes'])} classes",
+        f"FeatureStore {store.path}: {m['num_rows']} rows ({len(m['classes'])} classes), d={m['dim']}, "
+        f"top-{m['topk']} of the surrogate's {m['surrogate']['num_classes']} source classes",
         f"  surrogate {m['surrogate']['arch']} ({m['surrogate'].get('checkpoint') or 'random init'}), "
         f"{m['images_per_s']} images/s on {m['num_actors']} {m['device']} actor(s)",
     ]

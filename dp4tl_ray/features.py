@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
-from dp4tl_ray.data.decode import DecodeSpec, decode_batch, new_skip_ledger
+from dp4tl_ray.data.decode import DecodeSpec, new_skip_ledger
+from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import ModelSpec
 
@@ -112,8 +113,6 @@ class ExtractConfig:
         return DecodeSpec(self.image_size, self.resize_size or round(self.image_size * 8 / 7))
 
     def validate(self) -> None:
-        if self.format not in ("auto", "folder", "parquet"):
-            raise UserError(f"format must be folder, parquet or auto, got {self.format!r}")
         for name in ("topk", "batch_size", "rows_per_block"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -176,46 +175,19 @@ def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, d)
 
 
-def _resolve_source(cfg: ExtractConfig):
-    """Open the source as a folder index or a shard set, whichever ``cfg`` names."""
-    from dp4tl_ray.data.imagefolder import scan_image_folder
-    from dp4tl_ray.data.parquet import open_shards
-
-    src = Path(cfg.source)
-    if not src.is_dir():
-        raise UserError(f"source {src} does not exist; pass an image folder (e.g. <root>/train) or a shard directory")
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = "parquet" if any(src.glob("*.parquet")) else "folder"
-    if fmt == "parquet":
-        shards = open_shards(src)
-        if cfg.class_index is not None:
-            from dp4tl_ray.data.imagefolder import read_class_index
-
-            if read_class_index(cfg.class_index) != shards.classes:
-                raise UserError(f"class index {cfg.class_index} differs from the shards' class_index.json; re-shard with it")
-        return fmt, shards.classes, shards.num_rows, shards.fingerprint, shards
-    index = scan_image_folder(src, cfg.class_index)
-    return fmt, index.classes, len(index), index.fingerprint, index
-
-
 def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
-    from dp4tl_ray.models import IMAGENET_MEAN, IMAGENET_STD, spec_from_checkpoint
+    from dp4tl_ray.models import IMAGENET_MEAN, IMAGENET_STD, load_model, spec_from_checkpoint
 
     base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
     if cfg.checkpoint:
         saved = spec_from_checkpoint(cfg.checkpoint, base)
         # The checkpoint's normalisation wins unless given explicitly: the surrogate sees what it was trained on.
         base = ModelSpec(base.arch, base.num_classes, base.small_input, cfg.mean or saved.mean, cfg.std or saved.std)
+        load_model(base, cfg.checkpoint)  # a checkpoint of another model fails here, on the driver, in one line
         ident = {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": atomic.sha256_file(cfg.checkpoint)}
     else:
         ident = {"checkpoint": None, "random_init_seed": cfg.seed}
     return base, {"name": cfg.arch, **asdict(base), **ident}
-
-
-def _decode_task_memory(decode: DecodeSpec, rows: int) -> int:
-    """Bytes a decode task holds: decoded block (uint8) plus PIL working buffers, at least 64 MiB."""
-    return max(64 << 20, 4 * rows * decode.resize * decode.resize * 3)
 
 
 def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
@@ -223,7 +195,8 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
     import ray
 
     cfg.validate()
-    fmt, classes, n_rows, fingerprint, source = _resolve_source(cfg)
+    source = open_source(cfg.source, cfg.format, cfg.class_index)
+    classes, n_rows, fingerprint = source.classes, source.num_rows, source.fingerprint
     spec, surrogate = _surrogate_identity(cfg, len(classes))
     decode = cfg.decode_spec()
     key_doc = {"format": STORE_FORMAT, "surrogate": surrogate, "source_fingerprint": fingerprint,
@@ -248,19 +221,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
     threads = 1 if gpus else max(1, (cpus - 1) // num_actors)
 
     ledger = new_skip_ledger()
-    if fmt == "parquet":
-        from dp4tl_ray.data.parquet import shards_dataset
-
-        ds, root = shards_dataset(source), None
-    else:
-        from dp4tl_ray.data.imagefolder import index_dataset
-
-        ds, root = index_dataset(source, cfg.rows_per_block), str(source.root)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"spec": decode, "root": root, "ledger": ledger},
-                        batch_size=cfg.rows_per_block, num_cpus=1,
-                        # A memory reservation sized to the decoded block; it also keeps decode in its own
-                        # CPU tasks (not fused into the model actors), so decode overlaps inference.
-                        memory=_decode_task_memory(decode, cfg.rows_per_block))
+    ds = source.decoded(decode, cfg.rows_per_block, ledger)
     ds = ds.map_batches(
         SurrogateEmbedder,
         fn_constructor_kwargs={"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
@@ -283,7 +244,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
         if not files:
             raise UserError(f"no readable image in {cfg.source}: all {n_rows} files were skipped (see e.g. {skipped[:1]})")
         manifest = {
-            "store_key": store_key, "format": STORE_FORMAT, "source": str(cfg.source), "source_format": fmt,
+            "store_key": store_key, "format": STORE_FORMAT, "source": str(cfg.source), "source_format": source.format,
             "source_fingerprint": fingerprint, "surrogate": surrogate, "decode": asdict(decode),
             "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes), "num_rows": written,
             "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),

@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.features import MANIFEST, FeatureStore, feature_matrix
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +330,9 @@ def _sample_from(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order."""
     table = pa.concat_tables([pq.read_table(p, columns=["id", "feature"]) for p in paths])
-    return table.column("id").to_numpy(), np.ascontiguousarray(feature_matrix(table.column("feature")))
+    feature = table.column("feature").combine_chunks()  # fixed_size_list<float32>[d]
+    x = np.asarray(feature.flatten(), dtype=np.float32).reshape(-1, feature.type.list_size)
+    return table.column("id").to_numpy(), np.ascontiguousarray(x)
 
 
 class ShardWorker:
@@ -389,6 +390,8 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     """
     import ray
 
+    from dp4tl_ray.features import MANIFEST, FeatureStore  # not at module level: it imports torch
+
     store = FeatureStore.open(store_dir)
     n, d = store.num_rows, store.dim
     cfg.validate(n)
@@ -416,13 +419,14 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
         if sum(i[0] for i in infos) != n:
             raise UserError(f"FeatureStore {store.path} holds {sum(i[0] for i in infos)} rows, manifest says {n}; re-extract it")
         backend = "+".join(sorted({i[1] for i in infos}))
-        log.info("k-means: %d rows x %d dims, k=%d, %d actors, backend %s", n, d, cfg.k, len(actors), backend)
+        t_loaded = time.perf_counter()
 
         m = min(cfg.init_sample, n)
         threshold = key_threshold(ray.get([a.smallest_keys.remote(cfg.seed, m) for a in actors]), m)
         sample = _sample_from(ray.get([a.sample_rows.remote(cfg.seed, threshold) for a in actors]))
         centroids = init_centroids(sample, cfg)
 
+        t_init = time.perf_counter()
         rng = np.random.default_rng(cfg.seed)
         objective = []
         for it in range(cfg.niter):
@@ -436,8 +440,11 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
             log.debug("k-means iteration %d: objective %.6g", it, objective[-1])
             centroids = update_centroids(sums, counts, centroids, cfg.spherical, rng)
 
+        t_iter = time.perf_counter()
         ref = ray.put(centroids)
         parts = ray.get([a.final_assign.remote(ref) for a in actors])
+        log.info("k-means %d x %d, k=%d on %d actors (%s): load %.2fs, init %.2fs, %d iterations %.2fs",
+                 n, d, cfg.k, len(actors), backend, t_loaded - t0, t_init - t_loaded, cfg.niter, t_iter - t_init)
     finally:
         for a in actors:
             ray.kill(a)
@@ -457,11 +464,11 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     return KMeansResult(centroids, objective, backend, sizes, out_dir, seconds)
 
 
-def kmeans_single(x: np.ndarray, cfg: KMeansConfig) -> KMeansResult:
+def kmeans_single(x: np.ndarray, cfg: KMeansConfig, ids: np.ndarray | None = None) -> KMeansResult:
     """Single-process ``faiss.Kmeans`` on all of ``x`` from the same seeded k-means++ init (the reference).
 
-    Row ``i`` plays the part of id ``i`` when drawing the init sample, so a store whose ids are
-    ``0..n-1`` gives ``kmeans_distributed`` the same starting centroids.
+    ``ids`` (default ``0..n-1``) are the rows' store ids: they draw the init sample, so passing a
+    store's ids gives exactly the starting centroids that ``kmeans_distributed`` uses on it.
     """
     import faiss
 
@@ -469,7 +476,7 @@ def kmeans_single(x: np.ndarray, cfg: KMeansConfig) -> KMeansResult:
     n, d = x.shape
     cfg.validate(n)
     t0 = time.perf_counter()
-    keys = sample_keys(np.arange(n), cfg.seed)
+    keys = sample_keys(np.arange(n) if ids is None else ids, cfg.seed)
     m = min(cfg.init_sample, n)
     init = init_centroids(_sample_from([_rows_by_key(keys, x, key_threshold([_smallest(keys, m)], m))]), cfg)
     backend = probe_backend(use_gpu=faiss.get_num_gpus() > 0)

@@ -19,3 +19,16 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dirty(tmp_path_factory):
+    """A tiny generated dataset (4 domains x 3 classes x 10 images, 32 px) with planted broken files."""
+    from dp4tl_ray.data.synthetic import SynthConfig, generate
+
+    cfg = SynthConfig(
+        root=str(tmp_path_factory.mktemp("synth") / "data"), num_domains=4, classes_per_domain=3,
+        images_per_class=10, image_size=32, domains_per_task=2, classes_per_task_domain=2,
+        train_per_class=6, test_per_class=4, seed=0, dirty=True,
+    )
+    return generate(cfg)

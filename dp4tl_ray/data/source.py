@@ -1,0 +1,73 @@
+"""One handle for an image dataset, whichever reader it needs, and its decoded Ray Dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dp4tl_ray.data.decode import DecodeSpec, decode_batch
+from dp4tl_ray.data.imagefolder import FolderIndex, read_class_index, scan_image_folder
+from dp4tl_ray.data.parquet import ShardSet, open_shards
+from dp4tl_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An ImageNet-style folder tree or a directory of parquet shards, opened."""
+
+    path: Path
+    format: str  # "folder" | "parquet"
+    handle: FolderIndex | ShardSet
+
+    @property
+    def classes(self) -> list[str]:
+        return self.handle.classes
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.handle) if isinstance(self.handle, FolderIndex) else self.handle.num_rows
+
+    @property
+    def fingerprint(self) -> str:
+        return self.handle.fingerprint
+
+    def decoded(self, spec: DecodeSpec, rows_per_block: int = 256, ledger=None):
+        """A Ray Dataset of ``id, label, image`` (uint8 HxWx3) rows; unreadable images dropped (and
+        recorded in ``ledger`` if given). Decoding runs in CPU tasks, streaming."""
+        if self.format == "parquet":
+            from dp4tl_ray.data.parquet import shards_dataset
+
+            ds, root = shards_dataset(self.handle), None
+        else:
+            from dp4tl_ray.data.imagefolder import index_dataset
+
+            ds, root = index_dataset(self.handle, rows_per_block), str(self.handle.root)
+        return ds.map_batches(
+            decode_batch, fn_kwargs={"spec": spec, "root": root, "ledger": ledger}, batch_size=rows_per_block,
+            num_cpus=1,
+            # A memory reservation sized to the decoded block; it also keeps decode in its own CPU
+            # tasks (Ray does not fuse it into model actors), so decode overlaps inference.
+            memory=_decode_task_memory(spec, rows_per_block),
+        )
+
+
+def _decode_task_memory(spec: DecodeSpec, rows: int) -> int:
+    """Bytes a decode task holds: a worker process (~150 MiB measured) plus the decoded block and PIL buffers."""
+    return (160 << 20) + 4 * rows * spec.resize * spec.resize * 3
+
+
+def open_source(path: str | Path, format: str = "auto", class_index: str | Path | None = None) -> ImageSource:
+    """Open ``path`` as a folder tree or parquet shards (``auto``: shards if it holds ``*.parquet``)."""
+    src = Path(path)
+    if not src.is_dir():
+        raise UserError(f"source {src} does not exist; pass an image folder (e.g. <root>/train) or a shard directory")
+    if format not in ("auto", "folder", "parquet"):
+        raise UserError(f"format must be folder, parquet or auto, got {format!r}")
+    if format == "auto":
+        format = "parquet" if any(src.glob("*.parquet")) else "folder"
+    if format == "parquet":
+        shards = open_shards(src)
+        if class_index is not None and read_class_index(class_index) != shards.classes:
+            raise UserError(f"class index {class_index} differs from the shards' class_index.json; re-shard with it")
+        return ImageSource(src, format, shards)
+    return ImageSource(src, format, scan_image_folder(src, class_index))

@@ -1,0 +1,53 @@
+"""The `dp4tl` command: flags from config dataclasses, YAML configs, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dp4tl_ray.cli import run
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dp4tl: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_synth_config_exits_2_with_one_line(tmp_path, capsys):
+    assert run(["data", "synth", "--root", str(tmp_path / "d"), "--num-domains", "0"]) == 2
+    assert "num_domains" in _one_line_error(capsys)
+
+
+def test_unknown_yaml_key_names_the_valid_ones(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("root: x\nnum_domain: 3\n")
+    assert run(["data", "synth", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "num_domain" in _one_line_error(capsys)
+
+
+def test_missing_source_exits_2(tmp_path, capsys):
+    assert run(["extract", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+
+
+def test_synth_index_and_shard_commands(tmp_path, capsys):
+    root = tmp_path / "d"
+    assert run(["data", "synth", "--root", str(root), "--num-domains", "2", "--classes-per-domain", "2",
+                "--images-per-class", "3", "--domains-per-task", "1", "--classes-per-task-domain", "1",
+                "--train-per-class", "2", "--test-per-class", "1"]) == 0
+    train = root / "source" / "train"
+    assert run(["data", "index", str(train), "--out", str(tmp_path / "ci.json")]) == 0
+    assert run(["data", "shard", str(train), "--out", str(tmp_path / "shards"), "--rows-per-shard", "5",
+                "--class-index", str(tmp_path / "ci.json")]) == 0
+    out = capsys.readouterr().out
+    assert "12 images in 3 shards" in out
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("dp4tl")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "extract" in out and "data" in out

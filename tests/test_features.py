@@ -1,0 +1,102 @@
+"""Surrogate feature extraction on a local Ray: rows, norms, reuse, rebuild, both readers."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dp4tl_ray.data.imagefolder import scan_image_folder
+from dp4tl_ray.data.parquet import shard_image_folder
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.features import ExtractConfig, FeatureStore, extract_features
+from dp4tl_ray.models import ModelSpec, build_model, save_checkpoint
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(source, out, **kw) -> ExtractConfig:
+    base = dict(image_size=32, resize_size=32, small_input=True, batch_size=16, topk=3, rows_per_block=32)
+    return ExtractConfig(source=str(source), out=str(out), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def folder_store(ray_local, synth_dirty, tmp_path_factory):
+    return extract_features(_cfg(synth_dirty.source_dir, tmp_path_factory.mktemp("fs") / "store"), progress=False)
+
+
+def test_rows_match_ids_and_corrupt_files_are_counted(folder_store, synth_dirty):
+    index = scan_image_folder(synth_dirty.source_dir)
+    broken = {str((synth_dirty.root / b).relative_to(synth_dirty.source_dir)) for b in synth_dirty.broken_files}
+    ids, labels, feats, topk = folder_store.arrays()
+    expected = [i for i, p in enumerate(index.paths) if p not in broken]
+    assert ids.tolist() == expected
+    assert (labels == index.labels[ids]).all()
+    m = folder_store.manifest
+    assert m["num_rows"] == len(expected) and m["num_inputs"] == len(index)
+    assert {s["path"] for s in m["skipped"]} == broken
+    assert feats.shape == (len(expected), 512)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    assert topk.shape == (len(expected), 3) and topk.min() >= 0 and topk.max() < len(index.classes)
+
+
+def test_features_equal_a_direct_forward_pass(folder_store, synth_dirty):
+    from dp4tl_ray.data.decode import DecodeSpec, decode_image
+
+    ids, _, feats, topk = folder_store.arrays()
+    index = scan_image_folder(synth_dirty.source_dir)
+    model = build_model(ModelSpec("resnet18", len(index.classes), True), seed=0).eval()
+    pick = ids[[0, len(ids) // 2, -1]]
+    x = np.stack([decode_image((index.root / index.paths[i]).read_bytes(), DecodeSpec(32, 32)) for i in pick])
+    with torch.inference_mode():
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+        f = torch.nn.functional.normalize(model.features(t), dim=1).numpy()
+        top = model(t).topk(3, dim=1).indices.numpy()
+    rows = np.searchsorted(ids, pick)
+    np.testing.assert_allclose(feats[rows], f, atol=1e-4)
+    assert (topk[rows] == top).all()
+
+
+def test_unchanged_inputs_reuse_the_store(folder_store, synth_dirty):
+    again = extract_features(_cfg(synth_dirty.source_dir, folder_store.path), progress=False)
+    assert again.manifest["created"] == folder_store.manifest["created"]
+    assert again.manifest["store_key"] == folder_store.manifest["store_key"]
+
+
+def test_parquet_shards_give_the_same_rows_as_the_folder(folder_store, synth_dirty, tmp_path):
+    shards = shard_image_folder(scan_image_folder(synth_dirty.source_dir), tmp_path / "shards", rows_per_shard=25)
+    store = extract_features(_cfg(shards.root, tmp_path / "store"), progress=False)
+    a, b = folder_store.read(), store.read()
+    assert a.column("id").equals(b.column("id")) and a.column("label").equals(b.column("label"))
+    np.testing.assert_allclose(folder_store.arrays()[2], store.arrays()[2], atol=1e-5)
+    assert len(store.manifest["skipped"]) == len(synth_dirty.broken_files)
+
+
+def test_a_changed_image_rebuilds_the_store(ray_local, synth_dirty, tmp_path):
+    src = tmp_path / "train"
+    shutil.copytree(synth_dirty.source_dir, src)
+    first = extract_features(_cfg(src, tmp_path / "store"), progress=False)
+    bad = next(p for p in sorted(src.rglob("*.JPEG")) if p.stat().st_size > 100)
+    bad.write_bytes(bad.read_bytes()[:60])  # now truncated: must be skipped, not crash
+    second = extract_features(_cfg(src, tmp_path / "store"), progress=False)
+    assert second.manifest["store_key"] != first.manifest["store_key"]
+    assert second.manifest["num_rows"] == first.manifest["num_rows"] - 1
+    assert FeatureStore.open(tmp_path / "store").manifest["store_key"] == second.manifest["store_key"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "train"]  # no temp leftovers
+
+
+def test_bad_inputs_are_one_line_errors(ray_local, synth_dirty, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        extract_features(_cfg(tmp_path / "missing", tmp_path / "o"))
+    with pytest.raises(UserError, match="not found"):
+        extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", checkpoint=str(tmp_path / "none.pt")))
+    n = len(scan_image_folder(synth_dirty.source_dir).classes)
+    save_checkpoint(build_model(ModelSpec("resnet34", n, True)), tmp_path / "r34.pt")
+    with pytest.raises(UserError, match="arch='resnet34'") as e:
+        extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", checkpoint=str(tmp_path / "r34.pt")))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="batch_size"):
+        extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", batch_size=0))
+    assert not (tmp_path / "o").exists()

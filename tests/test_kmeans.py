@@ -1,0 +1,191 @@
+"""K-means: the pure Lloyd step (no Ray), then the Ray-distributed run on a small planted FeatureStore."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dp4tl_ray import atomic
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.features import FeatureStore, feature_table
+from dp4tl_ray.kmeans import (
+    FaissCpuBackend,
+    KMeansConfig,
+    assign,
+    kmeans_distributed,
+    kmeans_plus_plus,
+    kmeans_single,
+    load_assignments,
+    partial_sums,
+    sample_keys,
+    update_centroids,
+)
+
+N, D, K = 6000, 32, 8
+
+
+def planted(n: int = N, d: int = D, k: int = K, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised rows around ``k`` random unit centres; returns ``features, true cluster``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    truth = rng.integers(0, k, n)
+    x = (centres[truth] + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), truth
+
+
+def write_store(path, x: np.ndarray, files: int = 3, seed: int = 0) -> None:
+    """A FeatureStore of ``files`` parquet shards; row ``i`` of ``x`` gets id ``i``, rows stored shuffled."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    for f, rows in enumerate(np.array_split(order, files)):
+        topk = np.zeros((len(rows), 1), np.int32)
+        table = feature_table(rows, np.zeros(len(rows)), x[rows], topk, topk.astype(np.float32))
+        pq.write_table(table, path / f"part-{f:05d}.parquet")
+    atomic.write_json(path / "manifest.json", {"dim": x.shape[1], "num_rows": len(x), "topk": 1})
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings (1 = identical partitions up to renaming)."""
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    pairs = lambda v: (v * (v - 1) / 2).sum()  # noqa: E731
+    both, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), len(a) * (len(a) - 1) / 2
+    expected = rows * cols / total
+    return float((both - expected) / ((rows + cols) / 2 - expected))
+
+
+# --- pure step functions ---------------------------------------------------------------------------
+
+
+def test_empty_clusters_are_reseeded_by_splitting_the_largest():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    labels = np.zeros(300, np.int64)  # everything in cluster 0: clusters 1..4 are empty
+    sums, counts, _ = partial_sums(x, labels, np.zeros(300), 5)
+    cents = update_centroids(sums, counts, np.zeros((5, 4), np.float32), False, rng)
+    assert np.isfinite(cents).all()
+    assert len(np.unique(cents, axis=0)) == 5
+    new_labels, _ = assign(x, cents)
+    assert np.bincount(new_labels, minlength=5).min() > 0
+
+
+def test_spherical_centroids_have_unit_norm():
+    x, _ = planted(500)
+    labels, sq = assign(x, x[:K])
+    cents = update_centroids(*partial_sums(x, labels, sq, K)[:2], x[:K], True, np.random.default_rng(0))
+    assert np.allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-6)
+
+
+def test_kmeans_plus_plus_is_deterministic_per_seed():
+    x, _ = planted(2000)
+    first = kmeans_plus_plus(x, K, np.random.default_rng(3))
+    assert np.array_equal(first, kmeans_plus_plus(x, K, np.random.default_rng(3)))
+    assert not np.array_equal(first, kmeans_plus_plus(x, K, np.random.default_rng(4)))
+
+
+def test_kmeans_plus_plus_seeds_one_centroid_per_planted_cluster():
+    x, truth = planted(3000)
+    labels, _ = assign(x, kmeans_plus_plus(x, K, np.random.default_rng(0)))
+    assert adjusted_rand(labels, truth) > 0.99
+
+
+def test_partial_sums_over_shards_add_up_to_the_whole():
+    x, _ = planted(1000)
+    labels, sq = assign(x, x[:K], FaissCpuBackend())
+    whole = partial_sums(x, labels, sq, K)
+    parts = [partial_sums(x[s], labels[s], sq[s], K) for s in (slice(0, 400), slice(400, None))]
+    assert np.allclose(parts[0][0] + parts[1][0], whole[0], rtol=1e-12, atol=1e-9)
+    assert np.array_equal(parts[0][1] + parts[1][1], whole[1])
+    assert parts[0][2] + parts[1][2] == pytest.approx(whole[2], rel=1e-12)
+    assert whole[1].sum() == len(x)
+
+
+def test_assign_objective_is_sum_of_squared_distances():
+    x, _ = planted(500)
+    labels, sq = assign(x, x[:K])
+    exact = ((x - x[:K][labels]) ** 2).sum(1)
+    assert np.allclose(sq, exact, atol=1e-5)
+    assert np.array_equal(labels, ((x[:, None, :] - x[None, :K, :]) ** 2).sum(2).argmin(1))
+
+
+def test_sample_keys_are_distinct_and_seeded():
+    ids = np.arange(10_000)
+    keys = sample_keys(ids, 0)
+    assert len(np.unique(keys)) == len(ids)
+    assert np.array_equal(keys, sample_keys(ids, 0))
+    assert not np.array_equal(keys, sample_keys(ids, 1))
+
+
+@pytest.mark.parametrize("bad", [dict(k=0), dict(k=N + 1), dict(niter=0), dict(num_actors=0), dict(k=8, init_sample=4)])
+def test_bad_config_is_a_user_error(bad):
+    with pytest.raises(UserError):
+        KMeansConfig(**{"k": K, **bad}).validate(N)
+
+
+# --- distributed over Ray --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_run(ray_local, tmp_path_factory):
+    """One distributed run (and one on an identical copy of the store), shared by the Ray tests."""
+    x, truth = planted()
+    store = tmp_path_factory.mktemp("store")
+    write_store(store, x)
+    copy = tmp_path_factory.mktemp("copy") / "store"
+    shutil.copytree(store, copy)
+    cfg = KMeansConfig(k=K, niter=10, seed=1, num_actors=2)
+    return x, truth, store, cfg, kmeans_distributed(store, cfg), kmeans_distributed(copy, cfg)
+
+
+@pytest.mark.ray
+def test_distributed_matches_single_process_faiss(planted_run):
+    x, _, _, cfg, res, _ = planted_run
+    ref = kmeans_single(x, cfg)
+    assert res.objective[-1] == pytest.approx(ref.objective[-1], rel=0.01)
+    assert res.backend == "faiss-cpu"
+    assert len(res.objective) == cfg.niter
+
+
+@pytest.mark.ray
+def test_distributed_recovers_planted_clusters(planted_run):
+    x, truth, store, _, res, _ = planted_run
+    table = load_assignments(res.out_dir)
+    assert np.isfinite(res.centroids).all() and res.sizes.min() > 0
+    assert adjusted_rand(table.column("cluster").to_numpy(), truth) > 0.99
+
+
+@pytest.mark.ray
+def test_same_seed_gives_identical_centroids(planted_run):
+    *_, res, again = planted_run
+    assert np.array_equal(res.centroids, again.centroids)
+    assert res.objective == again.objective
+
+
+@pytest.mark.ray
+def test_assignments_cover_every_id_once(planted_run):
+    x, _, _, cfg, res, _ = planted_run
+    table = load_assignments(res.out_dir)
+    assert table.column("id").to_numpy().tolist() == list(range(len(x)))
+    assert table.schema.field("cluster").type == "int32" and table.schema.field("sq_dist").type == "float"
+    meta = json.loads((res.out_dir / "kmeans.json").read_text())
+    assert meta["sizes"] == np.bincount(table.column("cluster").to_numpy(), minlength=cfg.k).tolist()
+    assert res.out_dir == FeatureStore.open(res.out_dir.parents[1]).path / "kmeans" / "k8-seed1"
+
+
+@pytest.mark.ray
+def test_rerun_reuses_existing_result(planted_run):
+    _, _, store, cfg, res, _ = planted_run
+    stamp = (res.out_dir / "kmeans.json").stat().st_mtime_ns
+    again = kmeans_distributed(store, cfg)
+    assert (res.out_dir / "kmeans.json").stat().st_mtime_ns == stamp
+    assert np.array_equal(again.centroids, res.centroids) and again.objective == res.objective
+
+
+def test_k_larger_than_store_is_a_user_error(tmp_path):
+    write_store(tmp_path, planted(100)[0], files=1)
+    with pytest.raises(UserError, match="k=101"):
+        kmeans_distributed(tmp_path, KMeansConfig(k=101))
