@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from dp4tl_ray.data.decode import DecodeSpec, decode_image  # noqa: E402
 from dp4tl_ray.data.imagefolder import FolderIndex, scan_image_folder  # noqa: E402
 from dp4tl_ray.data.synthetic import SynthConfig, generate  # noqa: E402
-from dp4tl_ray.features import ExtractConfig, extract_features, feature_table  # noqa: E402
+from dp4tl_ray.features import ExtractConfig, extract_features
+from dp4tl_ray.featurestore import feature_table  # noqa: E402
 from dp4tl_ray.models import ModelSpec, build_model  # noqa: E402
 
 

@@ -3,7 +3,8 @@
 Both sides cluster every row (faiss' subsampling is off) with the same k, iterations, seed and
 k-means++ init. Ray's wall covers actor start-up, shard loading, init, the iterations and the
 written result; ``ray.init`` is not timed. faiss gets as many OpenMP threads as the actors hold
-CPUs (2 actors x 1 thread vs faiss with 2 threads). Prints one JSON line per size.
+CPUs (2 actors x 1 thread vs faiss with 2 threads; ``--faiss-threads`` overrides). Prints one
+JSON line per size.
 
     python benchmarks/kmeans.py                      # 200k x 128, k=100, 20 iterations
     python benchmarks/kmeans.py --sweep-sizes        # 20k, 50k, 200k, 500k rows
@@ -49,7 +50,7 @@ def planted_store(path: Path, n: int, d: int, k: int, files: int, seed: int) -> 
     atomic.write_json(path / "manifest.json", {"dim": d, "num_rows": n, "topk": 1})
 
 
-def compare(store: Path, cfg: KMeansConfig) -> dict:
+def compare(store: Path, cfg: KMeansConfig, faiss_threads: int) -> dict:
     """Time both k-means on one store and return the figure's JSON record."""
     import faiss
 
@@ -60,7 +61,7 @@ def compare(store: Path, cfg: KMeansConfig) -> dict:
 
     fs = FeatureStore.open(store)
     ids, _, x, _ = fs.arrays()
-    faiss.omp_set_num_threads(max(1, int(cfg.num_actors * cfg.num_cpus_per_actor)))
+    faiss.omp_set_num_threads(faiss_threads)
     ref = kmeans_single(x, cfg, ids=ids)
     return {
         "figure": "P2",
@@ -69,7 +70,8 @@ def compare(store: Path, cfg: KMeansConfig) -> dict:
         "ratio_wall": round(ray_wall / ref.seconds, 3),
         "objective_rel_diff": abs(ray_res.objective[-1] - ref.objective[-1]) / ref.objective[-1],
         "n": len(x), "d": x.shape[1], "k": cfg.k, "niter": cfg.niter,
-        "actors": cfg.num_actors, "backend": ray_res.backend,
+        "actors": cfg.num_actors, "faiss_threads": faiss_threads, "backend": ray_res.backend,
+        "ray_phase_s": json.loads((ray_res.out_dir / "kmeans.json").read_text())["phase_seconds"],
     }
 
 
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--files", type=int, default=4, help="parquet shards in a generated store")
     ap.add_argument("--init-sample", type=int, default=100_000)
+    ap.add_argument("--faiss-threads", type=int, help="OpenMP threads for faiss (default: one per actor)")
     ap.add_argument("--store", type=Path, help="benchmark on this FeatureStore instead of generated features")
     ap.add_argument("--sweep-sizes", action="store_true", help=f"one line per size in {SWEEP_SIZES}")
     args = ap.parse_args(argv)
@@ -93,14 +96,15 @@ def main(argv: list[str] | None = None) -> None:
 
     ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
     cfg = KMeansConfig(k=args.k, niter=args.niter, seed=args.seed, num_actors=args.actors, init_sample=args.init_sample)
+    threads = args.faiss_threads or args.actors
     try:
         if args.store:
-            print(json.dumps(compare(args.store, cfg)), flush=True)
+            print(json.dumps(compare(args.store, cfg, threads)), flush=True)
             return
         for n in SWEEP_SIZES if args.sweep_sizes else (args.n,):
             with tempfile.TemporaryDirectory(prefix="kmeans-bench-") as tmp:
                 planted_store(Path(tmp), n, args.d, args.k, args.files, args.seed)
-                print(json.dumps(compare(Path(tmp), cfg)), flush=True)
+                print(json.dumps(compare(Path(tmp), cfg, threads)), flush=True)
     finally:
         ray.shutdown()
 

@@ -98,6 +98,13 @@ def format_extract_summary(store) -> str:
     return "\n".join(lines)
 
 
+def _cmd_select(args: argparse.Namespace) -> None:
+    from dp4tl_ray.select.pipeline import SelectConfig, format_keepset_summary, select_keepset
+
+    cfg = _config_from_args(SelectConfig, args)
+    print(format_keepset_summary(select_keepset(cfg), cfg.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dp4tl_ray.data.synthetic import SynthConfig
     from dp4tl_ray.features import ExtractConfig
@@ -125,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     extract = sub.add_parser("extract", help="run the surrogate over a dataset with Ray Data -> FeatureStore")
     _add_config_flags(extract, ExtractConfig)
     extract.set_defaults(func=_cmd_extract)
+
+    from dp4tl_ray.select.pipeline import SelectConfig
+
+    select = sub.add_parser("select", help="votes -> ranked units -> KeepSet (lm, fm, fm-classmean, baselines)")
+    _add_config_flags(select, SelectConfig)
+    select.set_defaults(func=_cmd_select)
     return p
 
 
@@ -132,6 +145,7 @@ def run(argv: list[str] | None = None) -> int:
     """Parse and run; returns the exit code (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import chatter is not news
     try:
         args.func(args)
     except UserError as e:

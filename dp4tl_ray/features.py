@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +25,12 @@ from dp4tl_ray import atomic
 from dp4tl_ray.data.decode import DecodeSpec, new_skip_ledger
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.models import ModelSpec
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
+
+if TYPE_CHECKING:
+    from dp4tl_ray.models import ModelSpec
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 STORE_FORMAT = 1
 
 
@@ -67,26 +69,6 @@ class SurrogateEmbedder:
         return feature_table(batch["id"], batch["label"], feats, top_idx.cpu().numpy(), top_logit.cpu().numpy())
 
 
-def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_logit: np.ndarray) -> pa.Table:
-    """Rows in the FeatureStore schema (``feature`` as ``fixed_size_list<float32>[d]``)."""
-    n, d = feats.shape
-    k = topk_idx.shape[1]
-
-    def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
-        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=typ))
-
-    return pa.table(
-        {
-            "id": pa.array(np.asarray(ids, dtype=np.int64)),
-            "label": pa.array(np.asarray(labels, dtype=np.int32)),
-            "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), type=pa.float32()), d),
-            "topk_idx": lists(topk_idx.astype(np.int32), pa.int32()),
-            "topk_logit": lists(topk_logit.astype(np.float32), pa.float32()),
-        }
-    )
-
-
 @dataclass
 class ExtractConfig:
     """One extraction run: which images, which surrogate, how to run the pool."""
@@ -121,62 +103,8 @@ class ExtractConfig:
         self.decode_spec()
 
 
-@dataclass
-class FeatureStore:
-    """An opened FeatureStore directory and its manifest."""
-
-    path: Path
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, path: str | Path) -> FeatureStore:
-        path = Path(path)
-        mf = path / MANIFEST
-        if not mf.is_file():
-            raise UserError(f"{path} is not a FeatureStore (no {MANIFEST}); create it with `dp4tl extract`")
-        return cls(path, json.loads(mf.read_text()))
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.path.glob("*.parquet") if not p.name.startswith("."))
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.manifest["num_rows"])
-
-    def read(self, columns: list[str] | None = None) -> pa.Table:
-        """The whole store as one Arrow table sorted by id (small stores, tests and tools)."""
-        table = pq.ParquetDataset(self.files).read(columns=columns)
-        return table.sort_by("id")
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``ids, labels, features[n, d], topk_idx[n, k]`` as numpy, sorted by id."""
-        t = self.read(["id", "label", "feature", "topk_idx"])
-        feats = feature_matrix(t.column("feature"))
-        k = int(self.manifest["topk"])
-        topk = np.asarray(t.column("topk_idx").combine_chunks().flatten(), dtype=np.int32).reshape(-1, k)
-        return t.column("id").to_numpy(), t.column("label").to_numpy(), feats, topk
-
-    def dataset(self, columns: list[str] | None = None):
-        """The store as a Ray Dataset (streams; nothing gathered on the driver)."""
-        import ray.data
-
-        return ray.data.read_parquet([str(f) for f in self.files], columns=columns)
-
-
-def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """``fixed_size_list<float32>[d]`` column -> ``float32[n, d]`` (no copy where possible)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    d = arr.type.list_size
-    return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, d)
-
-
 def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
-    from dp4tl_ray.models import IMAGENET_MEAN, IMAGENET_STD, load_model, spec_from_checkpoint
+    from dp4tl_ray.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_model, spec_from_checkpoint
 
     base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
     if cfg.checkpoint:
@@ -256,4 +184,4 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
     return FeatureStore(out, manifest)
 
 
-__all__ = ["ExtractConfig", "FeatureStore", "SurrogateEmbedder", "extract_features", "feature_table", "feature_matrix"]
+__all__ = ["ExtractConfig", "SurrogateEmbedder", "extract_features"]

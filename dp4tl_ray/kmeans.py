@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_matrix
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +112,19 @@ class FaissGpuBackend(FaissCpuBackend):
         return labels.ravel().astype(np.int64), np.maximum(sq.ravel(), 0)
 
 
-class TorchCudaBackend:
-    """Chunked ``|x|^2 - 2 x.c + |c|^2`` matmul + argmin with torch on the GPU (fp32, no TF32)."""
+class TorchBackend:
+    """Chunked ``|x|^2 - 2 x.c + |c|^2`` matmul + argmin with torch (fp32, no TF32); ``torch-cuda`` on a GPU."""
 
-    name = "torch-cuda"
-
-    def __init__(self):
+    def __init__(self, device: str = "cuda", chunk_bytes: int = TORCH_CHUNK_BYTES):
         import torch
 
         self.torch = torch
-        self.device = torch.device("cuda")
+        self.device = torch.device(device)
+        self.name = f"torch-{self.device.type}"
+        self.chunk_bytes = chunk_bytes
 
     def put(self, x: np.ndarray):
-        """Keep the shard on the GPU when it fits; otherwise chunks are copied each search."""
+        """Keep the shard on the device when it fits; otherwise chunks are copied each search."""
         try:
             return self.torch.from_numpy(x).to(self.device)
         except self.torch.OutOfMemoryError:
@@ -133,7 +134,7 @@ class TorchCudaBackend:
         torch = self.torch
         c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
         c_sq = (c * c).sum(1)
-        rows = max(1, TORCH_CHUNK_BYTES // (4 * len(c)))
+        rows = max(1, self.chunk_bytes // (4 * len(c)))
         labels, sq = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -149,7 +150,7 @@ class TorchCudaBackend:
         return labels, sq
 
 
-AssignBackend = FaissCpuBackend | FaissGpuBackend | TorchCudaBackend
+AssignBackend = FaissCpuBackend | FaissGpuBackend | TorchBackend
 
 
 def _search_works(backend: AssignBackend) -> bool:
@@ -179,14 +180,14 @@ def probe_backend(use_gpu: bool) -> AssignBackend:
             import torch
 
             if torch.cuda.is_available():
-                candidates.append(TorchCudaBackend)
+                candidates.append(TorchBackend)
         except ImportError:
             pass
         for make in candidates:
             try:
                 cand = make()
             except Exception as e:
-                log.warning("k-means backend %s unavailable: %s", make.name, e)
+                log.warning("k-means backend %s unavailable: %s", make.__name__, e)
                 continue
             if _search_works(cand):
                 backend = cand
@@ -279,24 +280,27 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     Deterministic for a given ``rng`` state.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    x_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    x_sq = np.einsum("ij,ij->i", x, x)
     trials = 2 + int(np.log(k))
 
     def sq_dists_to(rows: np.ndarray) -> np.ndarray:
-        return np.maximum(x_sq[:, None] - 2 * (x @ x[rows].T).astype(np.float64) + x_sq[rows], 0)
+        d2 = x @ (-2 * x[rows].T)
+        d2 += x_sq[:, None]
+        d2 += x_sq[rows]
+        return np.maximum(d2, 0, out=d2)
 
     chosen = [int(rng.integers(len(x)))]
-    best = sq_dists_to(np.array(chosen))[:, 0]
+    best = sq_dists_to(np.array(chosen))[:, 0].copy()
     for _ in range(1, k):
-        cum = np.cumsum(best)
+        cum = np.cumsum(best, dtype=np.float64)
         if cum[-1] > 0:
             cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), len(x) - 1)
         else:  # fewer distinct points than k: any rows will do
             cand = rng.integers(len(x), size=trials)
         new_best = np.minimum(best[:, None], sq_dists_to(cand))
-        t = int(np.argmin(new_best.sum(axis=0)))
+        t = int(np.argmin(new_best.sum(axis=0, dtype=np.float64)))
         chosen.append(int(cand[t]))
-        best = new_best[:, t]
+        best = new_best[:, t].copy()
     return x[chosen].copy()
 
 
@@ -330,9 +334,7 @@ def _sample_from(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order."""
     table = pa.concat_tables([pq.read_table(p, columns=["id", "feature"]) for p in paths])
-    feature = table.column("feature").combine_chunks()  # fixed_size_list<float32>[d]
-    x = np.asarray(feature.flatten(), dtype=np.float32).reshape(-1, feature.type.list_size)
-    return table.column("id").to_numpy(), np.ascontiguousarray(x)
+    return table.column("id").to_numpy(), np.ascontiguousarray(feature_matrix(table.column("feature")))
 
 
 class ShardWorker:
@@ -382,6 +384,46 @@ def _write_result(out_dir: Path, centroids: np.ndarray, ids: np.ndarray, labels:
         atomic.write_json(tmp / "kmeans.json", doc)
 
 
+def _check_resources(num_actors: int, cfg: KMeansConfig) -> None:
+    """Fail fast instead of waiting forever for actors the Ray cluster can never place."""
+    import ray
+
+    have = ray.cluster_resources()
+    for res, per_actor, knob in (("CPU", cfg.num_cpus_per_actor, "num_cpus_per_actor"),
+                                 ("GPU", cfg.num_gpus_per_actor, "num_gpus_per_actor")):
+        if num_actors * per_actor > have.get(res, 0):
+            raise UserError(f"{num_actors} k-means actors x {per_actor} {res} exceed the cluster's "
+                            f"{have.get(res, 0):g} {res}; lower num_actors or {knob}")
+
+
+def _init_from_actors(actors: list, cfg: KMeansConfig, n: int) -> np.ndarray:
+    """k-means++ on the driver over the rows with the ``init_sample`` smallest keys, gathered from the actors."""
+    import ray
+
+    m = min(cfg.init_sample, n)
+    threshold = key_threshold(ray.get([a.smallest_keys.remote(cfg.seed, m) for a in actors]), m)
+    return init_centroids(_sample_from(ray.get([a.sample_rows.remote(cfg.seed, threshold) for a in actors])), cfg)
+
+
+def _lloyd_on_actors(actors: list, centroids: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, list[float]]:
+    """``cfg.niter`` Lloyd iterations: broadcast centroids, add the actors' sums in actor order, update."""
+    import ray
+
+    rng = np.random.default_rng(cfg.seed)
+    objective = []
+    for it in range(cfg.niter):
+        ref = ray.put(centroids)
+        parts = ray.get([a.step.remote(ref) for a in actors])
+        sums, counts = parts[0][0].copy(), parts[0][1].copy()
+        for part_sums, part_counts, _ in parts[1:]:
+            sums += part_sums
+            counts += part_counts
+        objective.append(float(sum(p[2] for p in parts)))
+        log.debug("k-means iteration %d: objective %.6g", it, objective[-1])
+        centroids = update_centroids(sums, counts, centroids, cfg.spherical, rng)
+    return centroids, objective
+
+
 def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult:
     """Lloyd k-means over a FeatureStore with one Ray actor per group of shards; reuses a finished run.
 
@@ -389,8 +431,6 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     objective come back, added in actor order so the same seed and data give the same centroids.
     """
     import ray
-
-    from dp4tl_ray.features import MANIFEST, FeatureStore  # not at module level: it imports torch
 
     store = FeatureStore.open(store_dir)
     n, d = store.num_rows, store.dim
@@ -409,42 +449,23 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     if not ray.is_initialized():
         ray.init()
 
-    t0 = time.perf_counter()
-    use_gpu = cfg.num_gpus_per_actor > 0
+    times = [time.perf_counter()]
+    groups = np.array_split(np.array([str(f) for f in files], dtype=object), min(cfg.num_actors, len(files)))
+    _check_resources(len(groups), cfg)
     worker = ray.remote(ShardWorker).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
-    groups = [g for g in np.array_split(np.array([str(f) for f in files], dtype=object), min(cfg.num_actors, len(files)))]
-    actors = [worker.remote(list(g), use_gpu, int(cfg.num_cpus_per_actor)) for g in groups]
+    actors = [worker.remote(list(g), cfg.num_gpus_per_actor > 0, int(cfg.num_cpus_per_actor)) for g in groups]
     try:
         infos = ray.get([a.info.remote() for a in actors])
         if sum(i[0] for i in infos) != n:
             raise UserError(f"FeatureStore {store.path} holds {sum(i[0] for i in infos)} rows, manifest says {n}; re-extract it")
         backend = "+".join(sorted({i[1] for i in infos}))
-        t_loaded = time.perf_counter()
-
-        m = min(cfg.init_sample, n)
-        threshold = key_threshold(ray.get([a.smallest_keys.remote(cfg.seed, m) for a in actors]), m)
-        sample = _sample_from(ray.get([a.sample_rows.remote(cfg.seed, threshold) for a in actors]))
-        centroids = init_centroids(sample, cfg)
-
-        t_init = time.perf_counter()
-        rng = np.random.default_rng(cfg.seed)
-        objective = []
-        for it in range(cfg.niter):
-            ref = ray.put(centroids)
-            parts = ray.get([a.step.remote(ref) for a in actors])
-            sums, counts = parts[0][0].copy(), parts[0][1].copy()
-            for s, c, _ in parts[1:]:
-                sums += s
-                counts += c
-            objective.append(float(sum(p[2] for p in parts)))
-            log.debug("k-means iteration %d: objective %.6g", it, objective[-1])
-            centroids = update_centroids(sums, counts, centroids, cfg.spherical, rng)
-
-        t_iter = time.perf_counter()
+        times.append(time.perf_counter())
+        centroids = _init_from_actors(actors, cfg, n)
+        times.append(time.perf_counter())
+        centroids, objective = _lloyd_on_actors(actors, centroids, cfg)
+        times.append(time.perf_counter())
         ref = ray.put(centroids)
         parts = ray.get([a.final_assign.remote(ref) for a in actors])
-        log.info("k-means %d x %d, k=%d on %d actors (%s): load %.2fs, init %.2fs, %d iterations %.2fs",
-                 n, d, cfg.k, len(actors), backend, t_loaded - t0, t_init - t_loaded, cfg.niter, t_iter - t_init)
     finally:
         for a in actors:
             ray.kill(a)
@@ -457,9 +478,12 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     labels = np.concatenate([p[1] for p in parts])[order]
     sq = np.concatenate([p[2] for p in parts])[order]
     sizes = np.bincount(labels, minlength=cfg.k)
-    seconds = time.perf_counter() - t0
-    doc = {**meta, "objective": objective, "final_objective": float(np.sum(sq, dtype=np.float64)),
-           "backend": backend, "num_actors": len(actors), "sizes": sizes.tolist(), "seconds": round(seconds, 3)}
+    times.append(time.perf_counter())
+    phases = dict(zip(("load", "init", "iterations", "final_assign"), np.diff(times).round(3).tolist()))
+    seconds = times[-1] - times[0]
+    log.info("k-means %d x %d, k=%d on %d actors (%s) in %.2fs: %s", n, d, cfg.k, len(actors), backend, seconds, phases)
+    doc = {**meta, "objective": objective, "final_objective": float(np.sum(sq, dtype=np.float64)), "backend": backend,
+           "num_actors": len(actors), "sizes": sizes.tolist(), "seconds": round(seconds, 3), "phase_seconds": phases}
     _write_result(out_dir, centroids, ids, labels, sq, doc)
     return KMeansResult(centroids, objective, backend, sizes, out_dir, seconds)
 
@@ -503,7 +527,7 @@ def load_assignments(out_dir: str | Path) -> pa.Table:
 
 
 __all__ = [
-    "KMeansConfig", "KMeansResult", "ShardWorker", "assign", "init_centroids", "kmeans_distributed",
-    "kmeans_plus_plus", "kmeans_single", "key_threshold", "load_assignments", "partial_sums", "probe_backend",
-    "read_shard", "sample_keys", "update_centroids",
+    "FaissCpuBackend", "FaissGpuBackend", "KMeansConfig", "KMeansResult", "ShardWorker", "TorchBackend", "assign",
+    "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_plus_plus", "kmeans_single", "load_assignments",
+    "partial_sums", "probe_backend", "read_shard", "sample_keys", "update_centroids",
 ]

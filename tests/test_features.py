@@ -11,7 +11,8 @@ import torch
 from dp4tl_ray.data.imagefolder import scan_image_folder
 from dp4tl_ray.data.parquet import shard_image_folder
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.features import ExtractConfig, FeatureStore, extract_features
+from dp4tl_ray.features import ExtractConfig, extract_features
+from dp4tl_ray.featurestore import FeatureStore
 from dp4tl_ray.models import ModelSpec, build_model, save_checkpoint
 
 pytestmark = pytest.mark.ray

@@ -15,6 +15,7 @@ from dp4tl_ray.features import FeatureStore, feature_table
 from dp4tl_ray.kmeans import (
     FaissCpuBackend,
     KMeansConfig,
+    TorchBackend,
     assign,
     kmeans_distributed,
     kmeans_plus_plus,
@@ -112,12 +113,29 @@ def test_assign_objective_is_sum_of_squared_distances():
     assert np.array_equal(labels, ((x[:, None, :] - x[None, :K, :]) ** 2).sum(2).argmin(1))
 
 
+def test_torch_chunked_assignment_matches_faiss():
+    x, _ = planted(1000)
+    torch_backend = TorchBackend("cpu", chunk_bytes=4 * K * 300)  # 4 chunks
+    labels, sq = assign(torch_backend.put(x), x[:K], torch_backend)
+    ref_labels, ref_sq = assign(x, x[:K], FaissCpuBackend())
+    assert np.array_equal(labels, ref_labels)
+    assert np.allclose(sq, ref_sq, atol=1e-5)
+
+
 def test_sample_keys_are_distinct_and_seeded():
     ids = np.arange(10_000)
     keys = sample_keys(ids, 0)
     assert len(np.unique(keys)) == len(ids)
     assert np.array_equal(keys, sample_keys(ids, 0))
     assert not np.array_equal(keys, sample_keys(ids, 1))
+
+
+def test_spherical_single_reports_squared_l2_objective():
+    x, _ = planted(2000)
+    res = kmeans_single(x, KMeansConfig(k=K, niter=10, spherical=True))
+    assert np.allclose(np.linalg.norm(res.centroids, axis=1), 1, atol=1e-5)
+    _, sq = assign(x, res.centroids)
+    assert res.objective[-1] == pytest.approx(float(sq.sum()), rel=1e-4)  # converged: last step moved nothing
 
 
 @pytest.mark.parametrize("bad", [dict(k=0), dict(k=N + 1), dict(niter=0), dict(num_actors=0), dict(k=8, init_sample=4)])
@@ -189,3 +207,10 @@ def test_k_larger_than_store_is_a_user_error(tmp_path):
     write_store(tmp_path, planted(100)[0], files=1)
     with pytest.raises(UserError, match="k=101"):
         kmeans_distributed(tmp_path, KMeansConfig(k=101))
+
+
+@pytest.mark.ray
+def test_more_actors_than_cpus_is_a_user_error(planted_run):
+    store = planted_run[2]
+    with pytest.raises(UserError, match="lower num_actors"):
+        kmeans_distributed(store, KMeansConfig(k=K, seed=7, num_actors=3, num_cpus_per_actor=1))

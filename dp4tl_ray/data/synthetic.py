@@ -174,10 +174,12 @@ class _Class:
 
 
 def _domains(n: int) -> list[_Domain]:
+    """Domains cycle through families, textures and palettes; hues are spread evenly."""
+    families, textures = list(FAMILIES), list(TEXTURES)
     out = []
     for d in range(n):
-        family = list(FAMILIES)[d % len(FAMILIES)]
-        texture = list(TEXTURES)[(d + d // len(FAMILIES)) % len(TEXTURES)]
+        family = families[d % len(families)]
+        texture = textures[(d + d // len(families)) % len(textures)]
         hue = d / n
         shift, s2, v2 = _SECONDARY[d % len(_SECONDARY)]
         out.append(_Domain(
@@ -310,7 +312,7 @@ class SynthConfig:
             raise UserError("synthetic data root must be a non-empty path")
         for name in ("num_domains", "classes_per_domain", "images_per_class", "domains_per_task",
                      "classes_per_task_domain", "train_per_class", "test_per_class"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise UserError(f"synthetic {name} must be >= 1 (got {getattr(self, name)})")
         if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
             raise UserError(f"synthetic image_size must be in [8, {MAX_IMAGE_SIZE}] (got {self.image_size})")
@@ -345,6 +347,8 @@ class SynthSummary:
 
 @dataclass(frozen=True)
 class _Task:
+    """A downstream task: its domains and its new classes."""
+
     name: str
     domains: list[_Domain]
     classes: list[_Class]
@@ -364,8 +368,8 @@ def _plan(cfg: SynthConfig) -> tuple[list[_Domain], list[_Class], list[_Task]]:
     """Domains, source classes (domain-major) and downstream tasks, all from the seed."""
     domains = _domains(cfg.num_domains)
     n = cfg.num_domains * cfg.classes_per_domain
-    numbers = np.random.default_rng((cfg.seed, _TAG_WNIDS)).choice(
-        np.arange(1_000_000, 16_000_000), size=n, replace=False)
+    wnid_rng = np.random.default_rng((cfg.seed, _TAG_WNIDS))
+    numbers = 1_000_000 + wnid_rng.choice(15_000_000, size=n, replace=False)
     params = [_class_params(cfg.seed, dom, cfg.classes_per_domain) for dom in domains]
     source = [_Class(f"n{numbers[d * cfg.classes_per_domain + i]:08d}", dom, params[d][0][i])
               for d, dom in enumerate(domains) for i in range(cfg.classes_per_domain)]
@@ -421,14 +425,15 @@ def _write_tree(tmp: Path, cfg: SynthConfig) -> dict:
         "domains": [{"name": dom.name, "family": dom.family, "texture": dom.texture,
                      "wnids": wnids_of[dom.name], "class_indices": [index[w] for w in wnids_of[dom.name]]}
                     for dom in domains],
-        "classes": [{"wnid": c.name, "index": index[c.name], "domain": c.domain.name, "params": list(c.params)}
-                    for c in sorted(source, key=lambda c: c.name)],
+        "classes": [{"wnid": c.name, "index": index[c.name], "domain": c.domain.name,
+                     "params": list(c.params)} for c in sorted(source, key=lambda c: c.name)],
     })
 
+    splits = (("train", cfg.train_per_class), ("test", cfg.test_per_class))
     for t, task in enumerate(tasks):
         task_dir = tmp / "downstream" / task.name
         for k, cls in enumerate(task.classes):
-            for s, (split, count) in enumerate((("train", cfg.train_per_class), ("test", cfg.test_per_class))):
+            for s, (split, count) in enumerate(splits):
                 _write_images(task_dir / split / cls.name, cls, count, cfg.image_size,
                               (cfg.seed, _TAG_DOWNSTREAM, t, k, s))
         relevant = sorted(w for dom in task.domains for w in wnids_of[dom.name])
@@ -438,7 +443,8 @@ def _write_tree(tmp: Path, cfg: SynthConfig) -> dict:
             "relevant_wnids": relevant,
             "relevant_class_indices": [index[w] for w in relevant],
             "num_source_classes": len(source),
-            "classes": [{"name": c.name, "domain": c.domain.name, "params": list(c.params)} for c in task.classes],
+            "classes": [{"name": c.name, "domain": c.domain.name, "params": list(c.params)}
+                        for c in task.classes],
         })
 
     record = {
@@ -468,7 +474,8 @@ def _existing(root: Path, cfg: SynthConfig) -> dict | None:
     if (isinstance(record, dict) and record.get("generator_version") == GENERATOR_VERSION
             and record.get("config") == cfg.record()):
         return record
-    raise UserError(f"{root} exists and is not synthetic data with this config; remove it or choose another root")
+    raise UserError(f"{root} exists and is not synthetic data with this config; "
+                    "remove it or choose another root")
 
 
 def generate(cfg: SynthConfig) -> SynthSummary:

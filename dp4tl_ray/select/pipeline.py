@@ -1,0 +1,152 @@
+"""``dp4tl select``: FeatureStores in, a KeepSet out, for any selection method.
+
+LM and FM rank *units* (source classes / k-means clusters) by downstream votes and drop the lowest
+``ratio`` of them; the baselines prune images to the same image budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.featurestore import FeatureStore
+from dp4tl_ray.select.feature_mapping import class_means_of_store, feature_mapping_votes
+from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta, keep_ids_for_units
+from dp4tl_ray.select.label_mapping import label_mapping_votes
+from dp4tl_ray.select.voting import (
+    combine_task_votes,
+    kept_units_for_ratio,
+    summarize_selection,
+    units_to_drop,
+)
+
+log = logging.getLogger(__name__)
+UNIT_METHODS = ("lm", "fm", "fm-classmean")
+METHODS = UNIT_METHODS
+
+
+@dataclass
+class SelectConfig:
+    """One keep-set: method, pruning ratio, the FeatureStores it reads, where it goes."""
+
+    method: str
+    ratio: float
+    source_features: str  # FeatureStore of the source (from `dp4tl extract`)
+    downstream_features: list[str] = field(default_factory=list)  # one FeatureStore per downstream task
+    out: str = "keepset"
+    seed: int = 0  # tie-breaking, k-means and random baselines
+    vote_topk: int = 1  # 1 = hard votes; k > 1 = each image gives 1/k to its top-k units
+    k: int | None = None  # FM clusters; default: number of source classes
+    kmeans_niter: int = 20
+    kmeans_actors: int = 2
+    spherical: bool = False
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        units_to_drop(2, self.ratio)  # ratio range check, one line
+        if self.vote_topk < 1:
+            raise UserError(f"vote_topk must be >= 1, got {self.vote_topk}")
+        if not self.downstream_features:
+            raise UserError("no downstream FeatureStore given; extract the downstream train set and pass it")
+
+
+def _task_name(store: FeatureStore) -> str:
+    src = Path(store.manifest["source"])
+    return src.parent.name if src.name in ("train", "training") else src.name
+
+
+def _check_same_surrogate(source: FeatureStore, downstream: FeatureStore) -> None:
+    a, b = source.manifest["surrogate"], downstream.manifest["surrogate"]
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise UserError(f"downstream store {downstream.path} was extracted with another surrogate than the source "
+                        f"(differs in {diff}); extract both with the same --arch/--checkpoint")
+
+
+def _source_ids_labels(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
+    t = store.read(["id", "label"])
+    return t.column("id").to_numpy(), t.column("label").to_numpy()
+
+
+def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str], dict[str, Any]]:
+    """Per source row: ``ids, unit``; the unit centres (FM) and names; extra provenance."""
+    classes = source.manifest["classes"]
+    ids, labels = _source_ids_labels(source)
+    if cfg.method == "lm":
+        return ids, labels, None, list(classes), {}
+    if cfg.method == "fm-classmean":
+        return ids, labels, class_means_of_store(source, len(classes)), list(classes), {}
+    from dp4tl_ray.kmeans import KMeansConfig, kmeans_distributed, load_assignments
+
+    kcfg = KMeansConfig(k=cfg.k or len(classes), niter=cfg.kmeans_niter, seed=cfg.seed, spherical=cfg.spherical,
+                        num_actors=cfg.kmeans_actors)
+    result = kmeans_distributed(source.path, kcfg)
+    assign = load_assignments(result.out_dir)
+    a_ids, clusters = assign.column("id").to_numpy(), assign.column("cluster").to_numpy()
+    if not np.array_equal(a_ids, ids):
+        raise UserError(f"k-means assignments at {result.out_dir} do not cover the store's ids; delete that directory and re-run")
+    names = []
+    for c in range(kcfg.k):
+        members = labels[clusters == c]
+        top = np.bincount(members, minlength=len(classes)).argmax() if len(members) else None
+        share = (members == top).mean() if len(members) else 0.0
+        names.append(f"cluster {c} ({share:.0%} {classes[top]})" if top is not None else f"cluster {c} (empty)")
+    extra = {"kmeans": {"k": kcfg.k, "niter": kcfg.niter, "spherical": kcfg.spherical, "backend": result.backend,
+                        "objective": result.objective[-1], "dir": str(result.out_dir)}}
+    return ids, clusters, result.centroids, names, extra
+
+
+def _votes(cfg: SelectConfig, tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray | None) -> np.ndarray:
+    per_task = {
+        name: label_mapping_votes(store, num_units, cfg.vote_topk) if centres is None
+        else feature_mapping_votes(store, centres, cfg.vote_topk)
+        for name, store in tasks.items()
+    }
+    return per_task[next(iter(per_task))] if len(per_task) == 1 else combine_task_votes(per_task)
+
+
+def select_keepset(cfg: SelectConfig) -> KeepSet:
+    """Run one selection and write its KeepSet to ``cfg.out`` (atomically)."""
+    cfg.validate()
+    source = FeatureStore.open(cfg.source_features)
+    tasks: dict[str, FeatureStore] = {}
+    for path in cfg.downstream_features:
+        store = FeatureStore.open(path)
+        _check_same_surrogate(source, store)
+        if store.num_rows == 0:
+            raise UserError(f"downstream set {path} has no images; extract its train/ folder first")
+        tasks[_task_name(store) if _task_name(store) not in tasks else str(path)] = store
+    ids, unit_of_row, centres, names, extra = _units(cfg, source)
+    num_units = len(names)
+    votes = _votes(cfg, tasks, num_units, centres)
+    kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed)
+    summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
+    top = np.argsort(-votes, kind="stable")[:10]
+    extra = {**extra, "vote_topk": cfg.vote_topk, "fraction_images_removed": summary.fraction_images_removed,
+             "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top]}
+    meta = KeepSetMeta.from_summary(summary, method=cfg.method, ratio=cfg.ratio, surrogate=source.manifest["surrogate"],
+                                    source_fingerprint=source.manifest["source_fingerprint"], downstream=list(tasks),
+                                    seed=cfg.seed, extra=extra)
+    keepset = KeepSet(keep_ids_for_units(unit_of_row, ids, kept), meta)
+    keepset.write(cfg.out)
+    return keepset
+
+
+def format_keepset_summary(ks: KeepSet, path: str | Path) -> str:
+    """A few lines a person reads after selection."""
+    m = ks.meta
+    lines = [
+        f"KeepSet {path}: method {m.method}, ratio {m.ratio:g} for {', '.join(m.downstream)}",
+        f"  units kept {m.units_kept}/{m.units_total}; images kept {m.images_kept}/{m.images_total} "
+        f"({1 - m.images_kept / max(m.images_total, 1):.1%} of images removed)",
+    ]
+    top = m.extra.get("top_units", [])
+    if top:
+        lines.append("  most voted: " + ", ".join(f"{t['name']} ({t['votes']:g})" for t in top[:5]))
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The synthetic generator: determinism, layout, ground truth, dirty files, planted domain structure."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from dp4tl_ray.atomic import sha256_file
+from dp4tl_ray.data import synthetic
+from dp4tl_ray.data.synthetic import SynthConfig, generate
+from dp4tl_ray.errors import UserError
+
+SMALL = dict(num_domains=3, classes_per_domain=3, images_per_class=4, image_size=16, tasks=2,
+             domains_per_task=2, classes_per_task_domain=2, train_per_class=3, test_per_class=2)
+
+
+def small(root: Path, **overrides) -> SynthConfig:
+    return SynthConfig(root=str(root), **{**SMALL, **overrides})
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_same_seed_gives_byte_identical_trees(tmp_path):
+    a = digests(generate(small(tmp_path / "a", dirty=True)).root)
+    b = digests(generate(small(tmp_path / "b", dirty=True)).root)
+    assert a == b
+    assert len(a) > 50
+
+
+def test_different_seed_gives_different_files(tmp_path):
+    a = digests(generate(small(tmp_path / "a", seed=0)).root)
+    b = digests(generate(small(tmp_path / "b", seed=1)).root)
+    assert set(a.values()).isdisjoint(b.values())
+
+
+def test_source_follows_imagenet_train_layout(tmp_path):
+    summary = generate(small(tmp_path / "d"))
+    assert summary.source_dir == tmp_path / "d" / "source" / "train"
+    wnids = sorted(p.name for p in summary.source_dir.iterdir())
+    assert len(wnids) == summary.num_classes == 9
+    for wnid in wnids:
+        assert re.fullmatch(r"n\d{8}", wnid)
+        files = sorted(p.name for p in (summary.source_dir / wnid).iterdir())
+        assert len(files) == 4 and all(re.fullmatch(rf"{wnid}_\d+\.JPEG", f) for f in files)
+    assert summary.num_images == 36
+    assert summary.task_dirs == [tmp_path / "d" / "downstream" / f"task_{t}" for t in range(2)]
+    for task_dir in summary.task_dirs:
+        for split, count in (("train", 3), ("test", 2)):
+            classes = list((task_dir / split).iterdir())
+            assert len(classes) == 4 and all(len(list(c.glob("*.JPEG"))) == count for c in classes)
+
+
+def test_every_image_decodes_to_configured_size_rgb(tmp_path):
+    summary = generate(small(tmp_path / "d", image_size=24))
+    paths = sorted(summary.root.rglob("*.JPEG"))
+    assert len(paths) == 36 + 2 * 4 * (3 + 2)
+    for path in paths:
+        with Image.open(path) as im:
+            im.load()
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (24, 24))
+
+
+def test_ground_truth_names_exactly_the_chosen_domains_classes(tmp_path):
+    summary = generate(small(tmp_path / "d", num_domains=4))
+    domains = {d["name"]: d for d in read_json(summary.root / "source" / "domains.json")["domains"]}
+    sorted_wnids = sorted(p.name for p in summary.source_dir.iterdir())
+    for task_dir in summary.task_dirs:
+        truth = read_json(task_dir / "ground_truth.json")
+        assert len(truth["domains"]) == 2
+        expected = sorted(w for name in truth["domains"] for w in domains[name]["wnids"])
+        assert truth["relevant_wnids"] == expected
+        assert truth["relevant_class_indices"] == [sorted_wnids.index(w) for w in expected]
+        assert {c["domain"] for c in truth["classes"]} == set(truth["domains"])
+        for split in ("train", "test"):
+            names = sorted(p.name for p in (task_dir / split).iterdir())
+            assert names == sorted(c["name"] for c in truth["classes"])
+
+
+def test_downstream_classes_are_new_variants_of_their_domains(tmp_path):
+    summary = generate(small(tmp_path / "d"))
+    source = read_json(summary.root / "source" / "domains.json")["classes"]
+    source_params = {tuple(c["params"]) for c in source}
+    source_names = {c["wnid"] for c in source}
+    for task_dir in summary.task_dirs:
+        for cls in read_json(task_dir / "ground_truth.json")["classes"]:
+            assert cls["name"] not in source_names and cls["name"].startswith(cls["domain"])
+            assert tuple(cls["params"]) not in source_params
+
+
+def test_dirty_mode_plants_undecodable_files_named_like_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+    summary = generate(small(tmp_path / "d", dirty=True))
+    assert read_json(summary.root / "synth.json")["broken_files"] == summary.broken_files
+    assert len(summary.broken_files) == 3
+    sizes = []
+    for rel in summary.broken_files:
+        path = summary.root / rel
+        assert path.parent.parent == summary.source_dir
+        assert re.fullmatch(rf"{path.parent.name}_\d+\.JPEG", path.name)
+        sizes.append(path.stat().st_size)
+        with pytest.raises((OSError, SyntaxError)):
+            with Image.open(path) as im:
+                im.load()
+    assert 0 in sizes
+    assert (summary.root / summary.broken_files[0]).read_bytes()[:2] == b"\xff\xd8"  # a JPEG, cut short
+    assert summary.num_images == 36
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_domains", 0), ("classes_per_domain", 0), ("images_per_class", 0), ("image_size", 7),
+    ("image_size", 4096), ("tasks", -1), ("seed", -1), ("domains_per_task", 4),
+    ("classes_per_task_domain", 4), ("train_per_class", 0), ("root", ""),
+])
+def test_bad_config_raises_one_line_user_error(tmp_path, field, value):
+    cfg = small(tmp_path / "d")
+    setattr(cfg, field, value)
+    with pytest.raises(UserError) as err:
+        generate(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "d").exists()
+
+
+def test_rerun_with_same_config_reuses_the_tree(tmp_path):
+    first = generate(small(tmp_path / "d", dirty=True))
+    before = {p: p.stat().st_mtime_ns for p in first.root.rglob("*")}
+    again = generate(small(tmp_path / "d", dirty=True))
+    assert {p: p.stat().st_mtime_ns for p in first.root.rglob("*")} == before
+    assert (again.num_classes, again.num_images, again.task_dirs, again.broken_files) == \
+        (first.num_classes, first.num_images, first.task_dirs, first.broken_files)
+
+
+def test_refuses_a_non_empty_root_it_did_not_write_with_this_config(tmp_path):
+    generate(small(tmp_path / "d"))
+    with pytest.raises(UserError):
+        generate(small(tmp_path / "d", seed=1))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError):
+        generate(small(tmp_path / "other"))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_failed_run_leaves_no_tree_behind(tmp_path, monkeypatch):
+    calls = iter(range(10))
+
+    def failing_jpeg(pixels):
+        if next(calls) == 9:
+            raise RuntimeError("killed")
+        return b"jpeg"
+
+    monkeypatch.setattr(synthetic, "_jpeg", failing_jpeg)
+    with pytest.raises(RuntimeError, match="killed"):
+        generate(small(tmp_path / "d"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def colour_features(path: Path) -> np.ndarray:
+    """Hue histogram of the saturated pixels of the image centre: a crude object-colour signature."""
+    with Image.open(path) as im:
+        hsv = np.asarray(im.convert("HSV"), dtype=np.float64)
+    centre = hsv[8:24, 8:24].reshape(-1, 3)
+    weights = centre[:, 1] * centre[:, 2] / 255.0**2
+    hist = np.bincount((centre[:, 0] * 24 / 256).astype(int), weights=weights, minlength=24)
+    return hist / hist.sum()
+
+
+def test_domains_are_separable_by_colour_statistics(tmp_path):
+    summary = generate(small(tmp_path / "d", num_domains=5, classes_per_domain=2, images_per_class=10,
+                             image_size=32, tasks=0))
+    domains = read_json(summary.root / "source" / "domains.json")["domains"]
+    feats = {d: np.stack([colour_features(p) for w in dom["wnids"]
+                          for p in sorted((summary.source_dir / w).glob("*.JPEG"))])
+             for d, dom in enumerate(domains)}
+    # Nearest centroid, fitted on half of each domain's images, tested on the other half.
+    centroids = np.stack([f[::2].mean(0) for f in feats.values()])
+    test_x = np.concatenate([f[1::2] for f in feats.values()])
+    test_y = np.concatenate([np.full(len(f[1::2]), d) for d, f in feats.items()])
+    pred = np.argmin(((test_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(pred == test_y) >= 0.9  # chance is 0.2
+    within = np.mean([np.linalg.norm(f - f.mean(0), axis=1).mean() for f in feats.values()])
+    between = np.mean([np.linalg.norm(a - b) for i, a in enumerate(centroids) for b in centroids[i + 1:]])
+    assert between > 2 * within
