@@ -138,6 +138,28 @@ def load_model(spec: ModelSpec, checkpoint: str | Path | None, seed: int = 0) ->
     return model
 
 
+def load_backbone(checkpoint: str | Path, arch: str, small_input: bool, num_classes: int = 1) -> Surrogate:
+    """The backbone of any pretrained checkpoint (supervised, MoCo, adversarial) under a new
+    ``num_classes`` head: every non-``fc`` weight must be there and fit; the old head is dropped."""
+    ckpt = load_checkpoint(checkpoint)
+    saved = ckpt.get("spec") if isinstance(ckpt.get("spec"), dict) else {}
+    spec = ModelSpec(arch, num_classes, small_input, saved.get("mean", IMAGENET_MEAN), saved.get("std", IMAGENET_STD))
+    for key in ("arch", "small_input"):
+        if key in saved and saved[key] != getattr(spec, key):
+            raise UserError(f"checkpoint {checkpoint} is {key}={saved[key]!r} but {key}={getattr(spec, key)!r} was asked; "
+                            f"pass --{key.replace('_', '-')} {saved[key]} or the right checkpoint")
+    model = build_model(spec)
+    own = {k: v for k, v in model.net.state_dict().items() if not k.startswith("fc.")}
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("fc.")}
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        raise UserError(f"checkpoint {checkpoint} is not a {arch} backbone (missing {missing[:3]}, shape mismatch {wrong[:3]}); "
+                        "pass the matching --arch/--small-input")
+    model.net.load_state_dict({**model.net.state_dict(), **{k: state[k] for k in own}})
+    return model
+
+
 def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
     """The spec a checkpoint was saved with (our own checkpoints), else ``default``."""
     saved = load_checkpoint(path).get("spec")
@@ -147,4 +169,4 @@ def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
     return ModelSpec(**{**asdict(default), **fields})
 
 
-__all__ = ["ARCHS", "ModelSpec", "Surrogate", "build_model", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint"]
+__all__ = ["ARCHS", "ModelSpec", "Surrogate", "build_model", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint"]

@@ -69,3 +69,19 @@ def test_unsafe_or_missing_checkpoints_are_refused(tmp_path):
 def test_unknown_arch_names_the_choices():
     with pytest.raises(UserError, match="resnet18"):
         ModelSpec("vgg11")
+
+
+def test_backbone_loads_under_a_new_head_from_any_checkpoint(tmp_path):
+    src = build_model(ModelSpec("resnet18", 30, small_input=True, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2)), seed=5)
+    src.net.fc = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))  # a MoCo head
+    save_checkpoint(src, tmp_path / "moco.pt")
+    from dp4tl_ray.models import load_backbone
+
+    bb = load_backbone(tmp_path / "moco.pt", "resnet18", True, num_classes=6)
+    assert bb.net.fc.out_features == 6 and bb.spec.mean == (0.4, 0.4, 0.4)
+    assert torch.equal(bb.net.layer4[1].conv2.weight, src.net.layer4[1].conv2.weight)
+    with pytest.raises(UserError, match="small_input"):
+        load_backbone(tmp_path / "moco.pt", "resnet18", False)
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(UserError, match="not a resnet18 backbone"):
+        load_backbone(tmp_path / "r50.pt", "resnet18", False)

@@ -31,24 +31,34 @@ class ImageSource:
     def fingerprint(self) -> str:
         return self.handle.fingerprint
 
-    def decoded(self, spec: DecodeSpec, rows_per_block: int = 256, ledger=None):
-        """A Ray Dataset of ``id, label, image`` (uint8 HxWx3) rows; unreadable images dropped (and
-        recorded in ``ledger`` if given). Decoding runs in CPU tasks, streaming."""
+    def rows(self, rows_per_block: int = 256):
+        """A Ray Dataset of undecoded ``id, label`` + ``path`` (folder) or ``image`` bytes (shards) rows:
+        cheap to filter by id (a KeepSet) before any image is read."""
         if self.format == "parquet":
             from dp4tl_ray.data.parquet import shards_dataset
 
-            ds, root = shards_dataset(self.handle), None
-        else:
-            from dp4tl_ray.data.imagefolder import index_dataset
+            return shards_dataset(self.handle)
+        from dp4tl_ray.data.imagefolder import index_dataset
 
-            ds, root = index_dataset(self.handle, rows_per_block), str(self.handle.root)
-        return ds.map_batches(
+        return index_dataset(self.handle, rows_per_block)
+
+    def decode(self, rows, spec: DecodeSpec, rows_per_block: int = 256, ledger=None):
+        """Decode ``rows`` (from :meth:`rows`, possibly filtered) into ``id, label, image`` (uint8 HxWx3).
+
+        Unreadable images are dropped (and recorded in ``ledger`` if given). Decoding runs in CPU
+        tasks, streaming."""
+        root = None if self.format == "parquet" else str(self.handle.root)
+        return rows.map_batches(
             decode_batch, fn_kwargs={"spec": spec, "root": root, "ledger": ledger}, batch_size=rows_per_block,
             num_cpus=1,
             # A memory reservation sized to the decoded block; it also keeps decode in its own CPU
             # tasks (Ray does not fuse it into model actors), so decode overlaps inference.
             memory=_decode_task_memory(spec, rows_per_block),
         )
+
+    def decoded(self, spec: DecodeSpec, rows_per_block: int = 256, ledger=None):
+        """Every image, decoded: ``decode(rows())``."""
+        return self.decode(self.rows(rows_per_block), spec, rows_per_block, ledger)
 
 
 def _decode_task_memory(spec: DecodeSpec, rows: int) -> int:
