@@ -105,6 +105,16 @@ def _cmd_select(args: argparse.Namespace) -> None:
     print(format_keepset_summary(select_keepset(cfg), cfg.out))
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from dp4tl_ray.train.trainer import PretrainConfig, pretrain
+
+    r = pretrain(_config_from_args(PretrainConfig, args))
+    m = r.metrics
+    print(f"pretrained {m.get('epoch')} epoch(s) on {r.images} images of {len(r.kept_classes)} classes "
+          f"in {r.seconds:.0f}s (last epoch: loss {m.get('loss', float('nan')):.4f}, {m.get('images_per_s', 0):.0f} images/s)")
+    print(f"checkpoint: {r.model_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dp4tl_ray.data.synthetic import SynthConfig
     from dp4tl_ray.features import ExtractConfig
@@ -138,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     select = sub.add_parser("select", help="votes -> ranked units -> KeepSet (lm, fm, fm-classmean, baselines)")
     _add_config_flags(select, SelectConfig)
     select.set_defaults(func=_cmd_select)
+
+    from dp4tl_ray.train.trainer import PretrainConfig
+
+    pre = sub.add_parser("pretrain", help="Ray Train DDP pretraining on a keep-set (supervised, moco_v2, adversarial)")
+    _add_config_flags(pre, PretrainConfig)
+    pre.set_defaults(func=_cmd_pretrain)
     return p
 
 

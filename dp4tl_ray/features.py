@@ -26,6 +26,7 @@ from dp4tl_ray.data.decode import DecodeSpec, new_skip_ledger
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
+from dp4tl_ray.pool import InferencePool
 
 if TYPE_CHECKING:
     from dp4tl_ray.models import ModelSpec
@@ -57,7 +58,7 @@ class SurrogateEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         torch = self.torch
-        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -142,22 +143,16 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
         ray.init()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    num_actors = cfg.num_actors or (gpus if gpus else max(1, cpus - 1))
-    threads = 1 if gpus else max(1, (cpus - 1) // num_actors)
+    pool = InferencePool.plan(cfg.num_actors)
 
     ledger = new_skip_ledger()
     ds = source.decoded(decode, cfg.rows_per_block, ledger)
     ds = ds.map_batches(
         SurrogateEmbedder,
         fn_constructor_kwargs={"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
-                               "torch_threads": threads},
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+                               "torch_threads": pool.threads},
         batch_size=cfg.batch_size,
-        num_gpus=1 if gpus else 0,
-        num_cpus=0 if gpus else threads,
+        **pool.map_batches_kwargs(),
         batch_format="numpy",
     )
     t0 = time.perf_counter()
@@ -176,7 +171,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
             "source_fingerprint": fingerprint, "surrogate": surrogate, "decode": asdict(decode),
             "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes), "num_rows": written,
             "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
-            "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": num_actors, "device": "gpu" if gpus else "cpu",
+            "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         atomic.write_json(tmp / MANIFEST, manifest)

@@ -127,3 +127,14 @@ def test_summary_counts_images_of_unequal_units():
     assert (summary.images_kept, summary.images_total) == (140, 200)
     assert summary.fraction_images_removed == pytest.approx(0.3)
     assert summary.votes_per_unit == [4.0, 0.0, 1.0, 2.0]
+
+
+def test_runner_up_votes_break_ties_before_the_seeded_key():
+    from dp4tl_ray.select.voting import kept_units_for_ratio
+
+    votes = np.array([5.0, 0.0, 0.0, 0.0])
+    runner_up = np.array([5.0, 0.0, 2.0, 1.0])  # unit 2 was often a second choice, unit 3 once
+    for seed in range(5):
+        assert kept_units_for_ratio(votes, 0.5, seed, runner_up).tolist() == [0, 2]
+    with pytest.raises(UserError, match="one entry per unit"):
+        kept_units_for_ratio(votes, 0.5, 0, np.ones(3))

@@ -34,6 +34,7 @@ class ShardSet:
     classes: list[str]
     num_rows: int
     fingerprint: str
+    origin_fingerprint: str | None = None  # the folder tree's, when written by shard_image_folder
 
 
 def shard_image_folder(index: FolderIndex, out_dir: str | Path, rows_per_shard: int = 1000) -> ShardSet:
@@ -81,7 +82,9 @@ def open_shards(root: str | Path) -> ShardSet:
         md = pq.read_metadata(f)
         num_rows += md.num_rows
         h.update(f"\n{f.name}\t{f.stat().st_size}\t{md.num_rows}".encode())
-    return ShardSet(root, files, classes, num_rows, h.hexdigest())
+    meta = root / SHARDS_META
+    origin = json.loads(meta.read_text()).get("source_fingerprint") if meta.is_file() else None
+    return ShardSet(root, files, classes, num_rows, h.hexdigest(), origin)
 
 
 def shards_dataset(shards: ShardSet):

@@ -31,6 +31,13 @@ class ImageSource:
     def fingerprint(self) -> str:
         return self.handle.fingerprint
 
+    @property
+    def identities(self) -> set[str]:
+        """Fingerprints this data is known by: its own, and for shards the folder tree they came from
+        (ids are the same, so a keep-set selected on either applies to both)."""
+        origin = getattr(self.handle, "origin_fingerprint", None)
+        return {self.fingerprint} | ({origin} if origin else set())
+
     def rows(self, rows_per_block: int = 256):
         """A Ray Dataset of undecoded ``id, label`` + ``path`` (folder) or ``image`` bytes (shards) rows:
         cheap to filter by id (a KeepSet) before any image is read."""

@@ -57,7 +57,7 @@ def moderate(features: np.ndarray, labels: np.ndarray, ids: np.ndarray, budget: 
     The centre is the class's mean feature and the distance Euclidean; the score
     ``|d - median_class(d)|`` is ranked over all images, lowest kept, ties broken by smaller id.
     """
-    feats = np.asarray(features, dtype=np.float64)
+    feats = np.asarray(features)
     labels, ids = np.asarray(labels), _unique_ids(ids)
     if feats.ndim != 2 or feats.shape[0] != ids.shape[0] or labels.shape != ids.shape:
         raise UserError(
@@ -67,15 +67,12 @@ def moderate(features: np.ndarray, labels: np.ndarray, ids: np.ndarray, budget: 
         raise UserError("features must be finite; re-run `dp4tl extract`")
     budget = _checked_budget(budget, ids.shape[0])
     _, cls = np.unique(labels, return_inverse=True)
-    counts = np.bincount(cls)
-    centres = np.zeros((counts.shape[0], feats.shape[1]))
-    np.add.at(centres, cls, feats)
-    dist = np.linalg.norm(feats - centres[cls] / counts[cls, None], axis=1)
-    order = np.lexsort((dist, cls))  # by class, then distance
-    starts = np.cumsum(counts) - counts
-    sorted_dist = dist[order]
-    median = (sorted_dist[starts + (counts - 1) // 2] + sorted_dist[starts + counts // 2]) / 2
-    return _lowest(np.abs(dist - median[cls]), ids, budget)
+    score = np.empty(ids.shape[0])
+    for rows in np.split(np.argsort(cls, kind="stable"), np.cumsum(np.bincount(cls))[:-1]):
+        f = feats[rows].astype(np.float64)  # one class at a time: memory stays at one class's features
+        dist = np.linalg.norm(f - f.mean(axis=0), axis=1)
+        score[rows] = np.abs(dist - np.median(dist))
+    return _lowest(score, ids, budget)
 
 
 def top_scores(scores: np.ndarray, ids: np.ndarray, budget: int) -> np.ndarray:

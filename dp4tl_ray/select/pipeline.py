@@ -27,7 +27,8 @@ from dp4tl_ray.select.voting import (
 
 log = logging.getLogger(__name__)
 UNIT_METHODS = ("lm", "fm", "fm-classmean")
-METHODS = UNIT_METHODS
+IMAGE_METHODS = ("random-image", "moderate", "el2n", "grand")  # prune images to an image budget
+METHODS = UNIT_METHODS + ("random-class",) + IMAGE_METHODS
 
 
 @dataclass
@@ -41,10 +42,18 @@ class SelectConfig:
     out: str = "keepset"
     seed: int = 0  # tie-breaking, k-means and random baselines
     vote_topk: int = 1  # 1 = hard votes; k > 1 = each image gives 1/k to its top-k units
+    runner_up_topk: int = 3  # ties in votes (zero votes, mostly) go to units more often in images' top-k; 0 = off
     k: int | None = None  # FM clusters; default: number of source classes
     kmeans_niter: int = 20
     kmeans_actors: int = 2
     spherical: bool = False
+    # Image-level baselines keep an image budget: as many images as the keep-set `match` (the method
+    # they are compared with), else `keep_fraction` of the images, else 1 - ratio of them.
+    match: str | None = None
+    keep_fraction: float | None = None
+    scores: str | None = None  # EL2N/GraNd: scores.parquet from an earlier run; default: computed and cached
+    score_epochs: int = 2  # short training run per seed for EL2N/GraNd
+    score_seeds: list[int] = field(default_factory=lambda: [0, 1])
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -52,7 +61,7 @@ class SelectConfig:
         units_to_drop(2, self.ratio)  # ratio range check, one line
         if self.vote_topk < 1:
             raise UserError(f"vote_topk must be >= 1, got {self.vote_topk}")
-        if not self.downstream_features:
+        if not self.downstream_features and self.method in UNIT_METHODS:
             raise UserError("no downstream FeatureStore given; extract the downstream train set and pass it")
 
 
@@ -102,19 +111,73 @@ def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndar
     return ids, clusters, result.centroids, names, extra
 
 
-def _votes(cfg: SelectConfig, tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray | None) -> np.ndarray:
+def _votes(tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray | None, k: int) -> np.ndarray:
+    """Votes per unit from every task (LM: stored top-k, at most what the store holds; FM: k nearest centres)."""
     per_task = {
-        name: label_mapping_votes(store, num_units, cfg.vote_topk) if centres is None
-        else feature_mapping_votes(store, centres, cfg.vote_topk)
+        name: label_mapping_votes(store, num_units, min(k, int(store.manifest["topk"]))) if centres is None
+        else feature_mapping_votes(store, centres, k)
         for name, store in tasks.items()
     }
     return per_task[next(iter(per_task))] if len(per_task) == 1 else combine_task_votes(per_task)
 
 
-def select_keepset(cfg: SelectConfig) -> KeepSet:
-    """Run one selection and write its KeepSet to ``cfg.out`` (atomically)."""
-    cfg.validate()
-    source = FeatureStore.open(cfg.source_features)
+def _image_scores(cfg: SelectConfig, source: FeatureStore):
+    """``id, el2n, grand`` per source row: read from ``cfg.scores`` (a scores.parquet or its directory),
+    else computed once and cached next to the source features."""
+    import pyarrow.parquet as pq
+
+    from dp4tl_ray.data.decode import DecodeSpec
+    from dp4tl_ray.models import ModelSpec
+    from dp4tl_ray.select.scores import SCORES_FILE, compute_scores
+
+    cache = source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
+    path = Path(cfg.scores) if cfg.scores else cache
+    file = path / SCORES_FILE if path.suffix != ".parquet" else path
+    if file.is_file():
+        return pq.read_table(file)
+    if cfg.scores:
+        raise UserError(f"scores file {file} not found; drop --scores to compute them")
+    m = source.manifest
+    spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
+    return compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,
+                          seeds=tuple(cfg.score_seeds), out=cache)
+
+
+def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, KeepSetMeta]:
+    """Kept ids and metadata of a baseline: whole random classes, or images to an image budget."""
+    from dp4tl_ray.select import baselines
+
+    ids, labels = _source_ids_labels(source)
+    num_classes = len(source.manifest["classes"])
+    if cfg.method == "random-class":
+        kept = baselines.random_by_class(labels, ids, cfg.ratio, cfg.seed)
+        extra: dict[str, Any] = {}
+    else:
+        match = KeepSet.load(cfg.match) if cfg.match else None
+        fraction = None if match else (cfg.keep_fraction if cfg.keep_fraction is not None else 1 - cfg.ratio)
+        budget = baselines.image_budget(len(ids), fraction, match)
+        if cfg.method == "random-image":
+            kept = baselines.random_by_image(ids, budget, cfg.seed)
+        elif cfg.method == "moderate":
+            f_ids, f_labels, feats, _ = source.arrays()
+            kept = baselines.moderate(feats, f_labels, f_ids, budget)
+        else:
+            table = _image_scores(cfg, source)
+            kept = baselines.top_scores(table.column(cfg.method).to_numpy(), table.column("id").to_numpy(), budget)
+        extra = {"budget": budget, "matched": cfg.match}
+    classes_kept = int((np.bincount(labels[np.isin(ids, kept)], minlength=num_classes) > 0).sum())
+    unit_level = cfg.method == "random-class"
+    meta = KeepSetMeta(method=cfg.method, ratio=cfg.ratio, units_kept=classes_kept if unit_level else len(kept),
+                       units_total=num_classes if unit_level else len(ids), votes_per_unit=[],
+                       images_kept=len(kept), images_total=len(ids), surrogate=source.manifest["surrogate"],
+                       source_fingerprint=source.manifest["source_fingerprint"], downstream=[], seed=cfg.seed,
+                       extra={**extra, "classes_with_images": classes_kept,
+                              "fraction_images_removed": 1 - len(kept) / len(ids)})
+    return kept, meta
+
+
+def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, KeepSetMeta]:
+    """LM / FM: downstream votes rank the units; the lowest ``ratio`` of them are dropped."""
     tasks: dict[str, FeatureStore] = {}
     for path in cfg.downstream_features:
         store = FeatureStore.open(path)
@@ -124,8 +187,9 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
         tasks[_task_name(store) if _task_name(store) not in tasks else str(path)] = store
     ids, unit_of_row, centres, names, extra = _units(cfg, source)
     num_units = len(names)
-    votes = _votes(cfg, tasks, num_units, centres)
-    kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed)
+    votes = _votes(tasks, num_units, centres, cfg.vote_topk)
+    runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk > cfg.vote_topk else None
+    kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
     summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
     top = np.argsort(-votes, kind="stable")[:10]
     extra = {**extra, "vote_topk": cfg.vote_topk, "fraction_images_removed": summary.fraction_images_removed,
@@ -133,7 +197,15 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
     meta = KeepSetMeta.from_summary(summary, method=cfg.method, ratio=cfg.ratio, surrogate=source.manifest["surrogate"],
                                     source_fingerprint=source.manifest["source_fingerprint"], downstream=list(tasks),
                                     seed=cfg.seed, extra=extra)
-    keepset = KeepSet(keep_ids_for_units(unit_of_row, ids, kept), meta)
+    return keep_ids_for_units(unit_of_row, ids, kept), meta
+
+
+def select_keepset(cfg: SelectConfig) -> KeepSet:
+    """Run one selection and write its KeepSet to ``cfg.out`` (atomically)."""
+    cfg.validate()
+    source = FeatureStore.open(cfg.source_features)
+    select = _unit_selection if cfg.method in UNIT_METHODS else _baseline_selection
+    keepset = KeepSet(*select(cfg, source))
     keepset.write(cfg.out)
     return keepset
 

@@ -33,6 +33,7 @@ from dp4tl_ray import atomic
 from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.pool import InferencePool
 from dp4tl_ray.models import ModelSpec, Surrogate, build_model
 
 if TYPE_CHECKING:
@@ -70,18 +71,18 @@ def train_briefly(
     device = _device()
     model = build_model(spec, seed).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    flips = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
+    rng = torch.Generator().manual_seed(seed)  # draws the flips and each epoch's shuffle seed
+    for _ in range(epochs):
         batches = source_ds.iter_torch_batches(
             batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-            local_shuffle_seed=seed * 1_000_003 + epoch, device="cpu",
+            local_shuffle_seed=int(torch.randint(2**31 - 1, (), generator=rng)), device="cpu",
         )
         for batch in batches:
             y = batch["label"].to(device, torch.long)
             if y.shape[0] < 2:  # BatchNorm cannot train on a single sample
                 continue
             x = _images(batch["image"], device)
-            flip = (torch.rand(y.shape[0], generator=flips) < 0.5).to(device)
+            flip = (torch.rand(y.shape[0], generator=rng) < 0.5).to(device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -143,7 +144,8 @@ class ScoreEmbedder:
         self.grand_params = _checked_grand_params(grand_params)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = _images(torch.from_numpy(np.ascontiguousarray(batch["image"])), self.device)
+        image = np.require(batch["image"], requirements=["C", "W"])  # Ray batches are read-only: copy if so
+        x = _images(torch.from_numpy(image), self.device)
         y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
         el2ns, grands = zip(*(sample_scores(m, x, y, self.grand_params) for m in self.models))
         return {"id": np.asarray(batch["id"], dtype=np.int64), "el2n": _mean(el2ns), "grand": _mean(grands)}
@@ -165,21 +167,18 @@ def score_dataset(
 
     if not states:
         raise UserError("need at least one trained model (seed) to score with")
+    if batch_size < 1 or (num_actors is not None and num_actors < 1):
+        raise UserError(f"batch_size and num_actors must be >= 1, got {batch_size} and {num_actors}")
     _checked_grand_params(grand_params)
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    num_actors = num_actors or (gpus if gpus else max(1, cpus - 1))
-    threads = 1 if gpus else max(1, (cpus - 1) // num_actors)
+    pool = InferencePool.plan(num_actors)
     scored = ds.map_batches(
         ScoreEmbedder,
         # One ObjectRef instead of the weights themselves keeps the UDF small (Ray warns above 1 MiB).
         fn_constructor_kwargs={"spec": spec, "states": ray.put(states), "grand_params": grand_params,
-                               "torch_threads": threads},
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+                               "torch_threads": pool.threads},
         batch_size=batch_size,
-        num_gpus=1 if gpus else 0,
-        num_cpus=0 if gpus else threads,
         batch_format="numpy",
+        **pool.map_batches_kwargs(),
     )
     tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
     if not tables:

@@ -51,16 +51,21 @@ def combine_task_votes(votes_per_task: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.sum([a / a.sum() for a in arrays.values()], axis=0)
 
 
-def rank_units_by_votes(votes: np.ndarray, seed: int) -> np.ndarray:
+def rank_units_by_votes(votes: np.ndarray, seed: int, runner_up_votes: np.ndarray | None = None) -> np.ndarray:
     """Unit ids from most to least voted.
 
-    Ties are broken by a secondary key, a permutation of the units drawn from
+    Ties are broken first by ``runner_up_votes`` if given (e.g. soft top-k votes: among units with
+    the same top-1 votes - zero, typically - those that were the downstream images' second or
+    third choice rank higher), then by a permutation of the units drawn from
     ``np.random.default_rng(seed)``: the same votes and seed always give the same ranking, and no
     unit is favoured for its index.
     """
     votes = _checked_votes(votes)
     tiebreak = np.random.default_rng(seed).permutation(votes.shape[0])
-    return np.lexsort((tiebreak, -votes))
+    runner_up = np.zeros_like(votes) if runner_up_votes is None else np.asarray(runner_up_votes, np.float64)
+    if runner_up.shape != votes.shape:
+        raise UserError(f"runner-up votes must have one entry per unit ({votes.shape[0]}), got shape {runner_up.shape}")
+    return np.lexsort((tiebreak, -runner_up, -votes))
 
 
 def units_to_drop(num_units: int, ratio: float) -> int:
@@ -72,12 +77,13 @@ def units_to_drop(num_units: int, ratio: float) -> int:
     return min(math.floor(ratio * num_units + _RATIO_EPS), num_units - 1)
 
 
-def kept_units_for_ratio(votes: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+def kept_units_for_ratio(votes: np.ndarray, ratio: float, seed: int,
+                         runner_up_votes: np.ndarray | None = None) -> np.ndarray:
     """Sorted ids of the units kept once the ``floor(ratio * U)`` lowest-ranked are dropped.
 
-    Zero-vote units rank last, so they are the first to go.
+    Zero-vote units rank last, so they are the first to go (see :func:`rank_units_by_votes` for ties).
     """
-    ranking = rank_units_by_votes(votes, seed)
+    ranking = rank_units_by_votes(votes, seed, runner_up_votes)
     keep = ranking.shape[0] - units_to_drop(ranking.shape[0], ratio)
     return np.sort(ranking[:keep])
 

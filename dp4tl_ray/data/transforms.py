@@ -1,0 +1,106 @@
+"""Training augmentations as Ray Data CPU-stage UDFs over numpy batches (``image``: uint8 NHWC).
+
+Every image draws its own random parameters. Outputs stay uint8 in [0, 255] and unnormalised:
+the models normalise inside (:class:`dp4tl_ray.models.Surrogate`). ``generator=None`` draws a
+fresh seed from the OS per call, so batches differ across tasks, workers and epochs (torch's
+global RNG starts from the same seed in every process, so it must not be relied on); tests pass a
+seeded ``torch.Generator``. Do not pass a generator through ``map_batches(fn_kwargs=...)``: it
+would be pickled and replay the same stream in every task.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+SUPERVISED_CROP_SCALE = (0.08, 1.0)  # torchvision / ImageNet RandomResizedCrop default
+
+# MoCo v2 "aug+" recipe (Chen et al. 2020, facebookresearch/moco main_moco.py)
+MOCO_V2_CROP_SCALE = (0.2, 1.0)
+MOCO_V2_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+MOCO_V2_JITTER_P = 0.8
+MOCO_V2_GRAYSCALE_P = 0.2
+MOCO_V2_BLUR_SIGMA = (0.1, 2.0)
+MOCO_V2_BLUR_P = 0.5
+BLUR_KERNEL_FRACTION = 0.1  # kernel ~10% of the crop side, made odd (SimCLR's choice)
+
+
+class _GaussianBlur(torch.nn.Module):
+    """Gaussian blur of a float CHW image, sigma uniform in ``sigma`` per call. Separable, so several
+    times cheaper than torchvision's 2-D kernel at 224 px; reflect padding, as torchvision."""
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float]):
+        super().__init__()
+        self.half, self.sigma = kernel_size // 2, sigma
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        sigma = float(torch.empty(1).uniform_(*self.sigma))
+        taps = torch.exp(-0.5 * (torch.arange(-self.half, self.half + 1, dtype=img.dtype) / sigma) ** 2)
+        taps = (taps / taps.sum()).expand(img.shape[0], 1, -1)
+        x = F.pad(img[None], (self.half,) * 4, mode="reflect")
+        x = F.conv2d(x, taps[:, :, None, :], groups=img.shape[0])
+        return F.conv2d(x, taps[:, :, :, None], groups=img.shape[0])[0]
+
+
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    return img.mul(255).round_().to(torch.uint8)
+
+
+@lru_cache(maxsize=None)
+def _supervised_pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
+    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
+
+
+@lru_cache(maxsize=None)
+def _moco_v2_pipeline(size: int) -> v2.Compose:
+    kernel = int(BLUR_KERNEL_FRACTION * size) // 2 * 2 + 1
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=MOCO_V2_CROP_SCALE, antialias=True),
+        v2.ToDtype(torch.float32, scale=True),  # colour ops convert uint8 to float anyway: do it once
+        v2.RandomApply([v2.ColorJitter(*MOCO_V2_JITTER)], p=MOCO_V2_JITTER_P),
+        v2.RandomGrayscale(p=MOCO_V2_GRAYSCALE_P),
+        v2.RandomApply([_GaussianBlur(kernel, MOCO_V2_BLUR_SIGMA)], p=MOCO_V2_BLUR_P),
+        v2.RandomHorizontalFlip(),
+        v2.Lambda(_to_uint8),
+    ])
+
+
+def _views(images: np.ndarray, pipeline: v2.Compose, size: int, n_views: int,
+           generator: torch.Generator | None) -> list[np.ndarray]:
+    """``n_views`` independently augmented copies of ``images`` (uint8 NHWC), each uint8[N, size, size, 3]."""
+    if len(images) == 0:
+        return [np.zeros((0, size, size, 3), np.uint8) for _ in range(n_views)]
+    seed = secrets.randbits(63) if generator is None else int(torch.randint(2**63 - 1, (1,), generator=generator))
+    chw = [torch.tensor(img).permute(2, 0, 1) for img in images]  # copies: Arrow-backed arrays are read-only
+    # torchvision samples from torch's global RNG; fork it so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [torch.stack([pipeline(img) for img in chw]).permute(0, 2, 3, 1).contiguous().numpy() for _ in range(n_views)]
+
+
+def supervised_augment(batch: dict[str, np.ndarray], size: int, scale: tuple[float, float] = SUPERVISED_CROP_SCALE,
+                       generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """RandomResizedCrop(``size``, ``scale``) + horizontal flip; ``image`` becomes uint8[N, size, size, 3]."""
+    (image,) = _views(batch["image"], _supervised_pipeline(size, tuple(scale)), size, 1, generator)
+    return {**batch, "image": image}
+
+
+finetune_augment = supervised_augment  # downstream full finetuning uses the same recipe
+
+
+def moco_v2_augment(batch: dict[str, np.ndarray], size: int, generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """Two independent MoCo v2 views ``q`` and ``k`` (uint8[N, size, size, 3]) replace ``image``."""
+    q, k = _views(batch["image"], _moco_v2_pipeline(size), size, 2, generator)
+    return {**{c: v for c, v in batch.items() if c != "image"}, "q": q, "k": k}
+
+
+__all__ = [
+    "BLUR_KERNEL_FRACTION", "MOCO_V2_BLUR_P", "MOCO_V2_BLUR_SIGMA", "MOCO_V2_CROP_SCALE", "MOCO_V2_GRAYSCALE_P",
+    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "SUPERVISED_CROP_SCALE", "finetune_augment", "moco_v2_augment",
+    "supervised_augment",
+]

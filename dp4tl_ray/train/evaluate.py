@@ -1,0 +1,397 @@
+"""Downstream evaluation of a pretrained backbone: linear probe (LP) and full finetune (FF) on Ray Train.
+
+Model selection never looks at the test set: a stratified, seeded hold-out of the downstream *train*
+set picks the epoch (best ``val_acc``) and ``test_acc`` is the test top-1 at that epoch.
+``test_acc_max_over_epochs`` - the best test top-1 over all epochs, i.e. selection on the test set,
+which is what the paper's reference code reports - is logged beside it for comparison only.
+
+Downstream sets are small, so every worker decodes the task's image folder itself (threads over
+:func:`~dp4tl_ray.data.decode.decode_image`) and holds it in memory as uint8: no driver-side copy,
+no object-store traffic, and the eval transform is the one feature extraction uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dp4tl_ray import atomic
+from dp4tl_ray.data.decode import DecodeSpec, decode_image
+from dp4tl_ray.data.imagefolder import FolderIndex, scan_image_folder
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_backbone
+
+MODES = ("lp", "ff")
+# The paper's downstream recipes: Adam, cosine schedule, batch 128; LP has no augmentation,
+# FF uses RandomResizedCrop + horizontal flip (dp4tl_ray.data.transforms.finetune_augment).
+LP_LR, LP_EPOCHS = 0.01, 50
+FF_LR, FF_EPOCHS = 1e-4, 200
+BATCH_SIZE = 128
+SELECTION = "epoch with the best val_acc on a stratified hold-out of the train set; test_acc is test top-1 at that epoch"
+TEST_MAX_NOTE = ("max test top-1 over epochs = model selection on the test set (what the paper's reference code "
+                 "reports); for comparison only, not an unbiased estimate")
+
+Split = tuple[Any, Any]  # (inputs: uint8 images N x H x W x 3 or features N x D, int64 labels), numpy or torch
+
+
+@dataclass
+class EvalConfig:
+    """One downstream evaluation: a backbone checkpoint (None = random init baseline), a task, a recipe."""
+
+    task_dir: str  # holds train/<class>/* and test/<class>/*
+    checkpoint: str | None  # a .pt backbone from any pretraining mode; None = seeded random init
+    arch: str = "resnet18"
+    small_input: bool = False
+    image_size: int = 224
+    resize_size: int | None = None  # default: image_size * 8/7 (224 -> 256), as feature extraction
+    mode: str = "lp"  # lp | ff
+    epochs: int | None = None  # None: the recipe's (LP 50, FF 200)
+    batch_size: int = BATCH_SIZE  # per worker
+    lr: float | None = None  # None: the recipe's (LP 0.01, FF 1e-4)
+    val_fraction: float = 0.1
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    out: str | None = None  # results JSON; default <checkpoint dir>/eval-<task>-<mode>.json
+    storage_path: str | None = None  # Ray Train storage; None = Ray's default (~/ray_results)
+
+    @property
+    def task(self) -> str:
+        return Path(self.task_dir).name
+
+    @property
+    def recipe(self) -> tuple[float, int]:
+        """``(lr, epochs)`` with the recipe's defaults filled in."""
+        lr, epochs = (LP_LR, LP_EPOCHS) if self.mode == "lp" else (FF_LR, FF_EPOCHS)
+        return (lr if self.lr is None else self.lr), (epochs if self.epochs is None else self.epochs)
+
+    def decode_spec(self) -> DecodeSpec:
+        return DecodeSpec(self.image_size, self.resize_size or round(self.image_size * 8 / 7))
+
+    def out_path(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        return Path(self.checkpoint).parent / f"eval-{self.task}-{self.mode}.json"
+
+    def validate(self) -> None:
+        """Raise a one-line UserError for the first bad value; scans the task folders and loads the checkpoint."""
+        if self.mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        lr, epochs = self.recipe
+        for name, value in (("epochs", epochs), ("batch_size", self.batch_size), ("num_workers", self.num_workers)):
+            if value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if not lr > 0:
+            raise UserError(f"lr must be > 0, got {lr}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.checkpoint is None and self.out is None:
+            raise UserError("a random-init baseline (checkpoint=None) needs out=<results.json>")
+        self.decode_spec()
+        ModelSpec(self.arch)
+        train, _ = task_indexes(self.task_dir)
+        stratified_split(train.labels, self.val_fraction, self.seed, train.classes)
+        if self.checkpoint is not None:
+            load_backbone(self.checkpoint, self.arch, self.small_input, len(train.classes))
+
+
+# ----- pure helpers (no Ray) -----
+
+
+def task_indexes(task_dir: str | Path) -> tuple[FolderIndex, FolderIndex]:
+    """The train and test folder indexes of a task, test labels following the train class order."""
+    task = Path(task_dir)
+    if not task.is_dir():
+        raise UserError(f"downstream task {task} does not exist; pass a folder holding train/ and test/")
+    for split in ("train", "test"):
+        if not (task / split).is_dir():
+            raise UserError(f"downstream task {task} has no {split}/ folder; expected {task}/{split}/<class>/<image>")
+    train = scan_image_folder(task / "train")
+    test_folders = sorted(e.name for e in os.scandir(task / "test") if e.is_dir() and not e.name.startswith("."))
+    unknown = sorted(set(test_folders) - set(train.classes))
+    if unknown:
+        raise UserError(f"test class(es) {unknown[:5]} of {task} have no train/ folder; every test class must be trained")
+    return train, scan_image_folder(task / "test", list(train.classes))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train_idx, val_idx)``: per class a seeded ``round(fraction * n)`` (at least 1) goes to val.
+
+    Every class keeps at least one image on each side; a class with fewer than 2 images is an error.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in range(len(classes)) if classes is not None else np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            name = classes[c] if classes is not None else int(c)
+            raise UserError(f"class {name!r} has {len(idx)} train image(s); the validation split needs at least 2 per class")
+        idx = rng.permutation(idx)
+        n_val = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose arg-max is the label."""
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def select_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch with the best ``val_acc`` (earliest on ties), its accuracies, and the test-set maximum."""
+    best = max(history, key=lambda h: (h["val_acc"], -h["epoch"]))
+    return {"best_epoch": best["epoch"], "val_acc": best["val_acc"], "test_acc": best["test_acc"],
+            "test_acc_max_over_epochs": max(h["test_acc"] for h in history)}
+
+
+def train_linear_head(head: nn.Linear, train: Split, evals: dict[str, Split], epochs: int, lr: float,
+                      batch_size: int, seed: int, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Fit ``head`` on fixed features with Adam + per-epoch cosine LR; after each epoch record
+    ``<name>_acc`` for every split in ``evals`` (tensors on the head's device). Returns the history."""
+    x, y = train
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        head.train()
+        lr_now, total = opt.param_groups[0]["lr"], 0.0
+        for idx in torch.randperm(len(y), generator=gen).split(batch_size):
+            idx = idx.to(y.device)
+            loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        head.eval()
+        with torch.no_grad():
+            accs = {f"{name}_acc": top1_accuracy(head(fx), fy) for name, (fx, fy) in evals.items()}
+        history.append({"epoch": epoch, "train_loss": total / len(y), "lr": lr_now, **accs})
+        if on_epoch is not None:
+            on_epoch(history[-1])
+    return history
+
+
+# ----- worker side -----
+
+
+def _decode_split(index: FolderIndex, spec: DecodeSpec) -> tuple[Split, list[str]]:
+    """Decode every image of ``index`` with a few threads (PIL decodes outside the GIL); unreadable files are skipped."""
+    def one(rel: str) -> np.ndarray | None:
+        try:
+            return decode_image((index.root / rel).read_bytes(), spec)
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped and listed in the results
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(one, index.paths))
+    ok = [i for i, im in enumerate(images) if im is not None]
+    skipped = [str(index.root.name + "/" + index.paths[i]) for i, im in enumerate(images) if im is None]
+    if not ok:
+        raise UserError(f"no readable image in {index.root}")
+    return (np.stack([images[i] for i in ok]), index.labels[ok].astype(np.int64)), skipped
+
+
+def _build_classifier(cfg: EvalConfig, num_classes: int) -> Surrogate:
+    """The backbone (checkpoint or seeded random init) under a fresh, seeded ``num_classes`` head."""
+    if cfg.checkpoint is None:
+        return build_model(ModelSpec(cfg.arch, num_classes, cfg.small_input), seed=cfg.seed)
+    model = load_backbone(cfg.checkpoint, cfg.arch, cfg.small_input, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model.net.fc.reset_parameters()
+    return model
+
+
+def _to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1]."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class _Worker:
+    """This worker's view of the run: rank, device, and the collectives that are no-ops on one worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cuda = self.device.type == "cuda"
+
+    def shard(self, n: int) -> torch.Tensor:
+        return torch.arange(self.rank, n, self.world)
+
+    def gather_rows(self, idx: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Every worker's ``rows`` (at positions ``idx``) assembled into one ``n``-row tensor on all workers."""
+        if self.world == 1:
+            return rows
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, (idx, rows.cpu()))
+        out = torch.empty(n, *rows.shape[1:], dtype=rows.dtype)
+        for i, r in parts:
+            out[i] = r
+        return out.to(rows.device)
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
+
+
+def _features(model: Surrogate, images: torch.Tensor, w: _Worker, batch_size: int) -> torch.Tensor:
+    """Frozen-backbone features of every image, each worker computing its shard."""
+    idx = w.shard(len(images))
+    out = []
+    with torch.inference_mode(), w.autocast():
+        for part in idx.split(batch_size):
+            out.append(model.features(_to_input(images[part.to(images.device)], w.cuda)).float())
+    rows = torch.cat(out) if out else torch.empty(0, model.feature_dim, device=w.device)
+    return w.gather_rows(idx, rows, len(images))
+
+
+def _accuracy(model: Surrogate, split: tuple[torch.Tensor, torch.Tensor], w: _Worker, batch_size: int) -> float:
+    """Top-1 of ``model`` in eval mode on ``split``, each worker scoring its shard."""
+    images, labels = split
+    correct = 0.0
+    model.eval()
+    with torch.inference_mode(), w.autocast():
+        for part in w.shard(len(labels)).split(batch_size):
+            part = part.to(images.device)
+            correct += (model(_to_input(images[part], w.cuda)).argmax(1) == labels[part]).sum().item()
+    total_correct, = w.sum([correct])
+    return total_correct / len(labels)
+
+
+def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: EvalConfig, w: _Worker,
+              on_epoch: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Train the whole network (DDP over workers) on augmented ``train`` batches; score ``evals`` each epoch."""
+    import ray.train.torch
+
+    from dp4tl_ray.data.transforms import finetune_augment
+
+    lr, epochs = cfg.recipe
+    images, labels = train
+    ddp = ray.train.torch.prepare_model(model)
+    opt = torch.optim.Adam(ddp.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    order_gen = torch.Generator().manual_seed(cfg.seed)  # the same epoch order on every worker
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + w.rank)
+    usable = len(labels) - len(labels) % w.world  # equal shards, so every worker takes the same number of steps
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        lr_now, loss_sum, seen = opt.param_groups[0]["lr"], 0.0, 0
+        mine = torch.randperm(len(labels), generator=order_gen)[:usable][w.rank::w.world]
+        for idx in mine.split(cfg.batch_size):
+            idx = idx.numpy()
+            batch = finetune_augment({"image": images[idx]}, cfg.image_size, generator=aug_gen)["image"]
+            x = _to_input(torch.from_numpy(batch).to(w.device, non_blocking=True), w.cuda)
+            y = torch.from_numpy(labels[idx]).to(w.device)
+            with w.autocast():
+                loss = nn.functional.cross_entropy(ddp(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum, seen = loss_sum + loss.item() * len(idx), seen + len(idx)
+        sched.step()
+        loss_sum, seen = w.sum([loss_sum, seen])
+        accs = {f"{name}_acc": _accuracy(model, split, w, cfg.batch_size) for name, split in evals.items()}
+        history.append({"epoch": epoch, "train_loss": loss_sum / seen, "lr": lr_now, **accs})
+        on_epoch(history[-1])
+    return history
+
+
+def _eval_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train loop: decode the task, build the model, run LP or FF, report every epoch; rank 0 writes the JSON."""
+    import ray.train
+
+    start = time.perf_counter()
+    cfg = EvalConfig(**config["cfg"])
+    w = _Worker()
+    lr, epochs = cfg.recipe
+    train_index, test_index = task_indexes(cfg.task_dir)
+    spec = cfg.decode_spec()
+    (train_x, train_y), skipped = _decode_split(train_index, spec)
+    test, skipped_test = _decode_split(test_index, spec)
+    fit_idx, val_idx = stratified_split(train_y, cfg.val_fraction, cfg.seed, train_index.classes)
+    fit = (train_x[fit_idx], train_y[fit_idx])
+    evals = {name: (torch.from_numpy(x).to(w.device), torch.from_numpy(y).to(w.device))
+             for name, (x, y) in (("val", (train_x[val_idx], train_y[val_idx])), ("test", test))}
+    model = _build_classifier(cfg, len(train_index.classes)).to(w.device)
+    if w.cuda:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.mode == "lp":
+        model.eval()
+        feats = {name: (_features(model, x, w, cfg.batch_size), y) for name, (x, y) in evals.items()}
+        fit_x = torch.from_numpy(fit[0]).to(w.device)
+        train_feats = (_features(model, fit_x, w, cfg.batch_size), torch.from_numpy(fit[1]).to(w.device))
+        history = train_linear_head(model.net.fc, train_feats, feats, epochs, lr, cfg.batch_size, cfg.seed, ray.train.report)
+    else:
+        history = _finetune(model, fit, evals, cfg, w, ray.train.report)
+
+    results = {
+        **{k: v for k, v in asdict(cfg).items() if k not in ("lr", "epochs", "out", "storage_path")},
+        "task": cfg.task, "lr": lr, "epochs": epochs, "resize_size": spec.resize,
+        "checkpoint_sha256": config["checkpoint_sha256"], "device": str(w.device), "world_size": w.world,
+        "classes": list(train_index.classes), "num_train": len(fit_idx), "num_val": len(val_idx),
+        "num_test": len(test[1]), "skipped": skipped + skipped_test,
+        "selection": SELECTION, **select_epoch(history), "test_acc_max_over_epochs_note": TEST_MAX_NOTE,
+        "history": history, "seconds": round(time.perf_counter() - start, 3),
+    }
+    if w.rank == 0:
+        atomic.write_json(config["out"], results)
+    return results
+
+
+def eval_trainer(cfg: EvalConfig, callbacks: list | None = None):
+    """The validated ``TorchTrainer`` of ``cfg``; ``fit().return_value`` is the results dict. Every epoch's
+    metrics reach ``callbacks`` (``ray.train.UserCallback``, or Tune's report callback in a sweep)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg.validate()
+    sha = atomic.sha256_file(cfg.checkpoint) if cfg.checkpoint else None
+    # Workers may run elsewhere (another cwd or node): hand them absolute paths.
+    paths = {"task_dir": str(Path(cfg.task_dir).resolve()),
+             "checkpoint": cfg.checkpoint and str(Path(cfg.checkpoint).resolve())}
+    config = {"cfg": {**asdict(cfg), **paths}, "checkpoint_sha256": sha, "out": str(cfg.out_path().resolve())}
+    # A stable name (no timestamp): the same evaluation lands in the same run directory.
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    if not ray.is_initialized():
+        ray.init()
+    return TorchTrainer(
+        _eval_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(name=f"eval-{cfg.task}-{cfg.mode}-{key}", storage_path=cfg.storage_path, callbacks=callbacks),
+    )
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run ``cfg`` on Ray Train and return its results (rank 0 also wrote them to ``cfg.out_path()``)."""
+    return eval_trainer(cfg).fit().return_value
+
+
+__all__ = ["EvalConfig", "eval_trainer", "evaluate", "select_epoch", "stratified_split", "task_indexes", "top1_accuracy",
+           "train_linear_head"]

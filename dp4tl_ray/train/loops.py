@@ -1,0 +1,204 @@
+"""Per-worker pretraining loop for every mode (runs inside a Ray Train worker).
+
+A mode is a :class:`Method`: how to build the model, how to augment a batch (in a Ray Data CPU
+stage), and the loss of one step. The loop around them - data shard, DDP, bf16 autocast,
+checkpoints, resume, metrics - is the same for all modes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model
+
+STATE_FILE = "state.pt"  # full training state, for resume
+MODEL_FILE = "model.pt"  # the backbone in the project's checkpoint format, for evaluation
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pretraining mode."""
+
+    name: str
+    views: tuple[str, ...]  # batch columns the loss reads
+    build: Callable[[ModelSpec, dict[str, Any]], nn.Module]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]
+    backbone: Callable[[nn.Module], Surrogate]
+    ddp_kwargs: Callable[[], dict[str, Any] | None] = lambda: None
+
+
+def _supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: dict[str, Any]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+
+
+def _adversarial_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: dict[str, Any]) -> torch.Tensor:
+    from dp4tl_ray.train.pgd import pgd_attack
+
+    inner = model.module if hasattr(model, "module") else model
+    x_adv = pgd_attack(inner, batch["image"], batch["label"], eps=cfg["adv_eps"], steps=cfg["adv_steps"],
+                       norm=cfg["adv_norm"])
+    return nn.functional.cross_entropy(model(x_adv), batch["label"])
+
+
+def _build_moco(spec: ModelSpec, cfg: dict[str, Any]) -> nn.Module:
+    from dp4tl_ray.train.moco import MoCoV2
+
+    return MoCoV2(spec, dim=cfg["moco_dim"], K=cfg["moco_k"], m=cfg["moco_m"], T=cfg["moco_t"], seed=cfg["seed"])
+
+
+def _moco_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: dict[str, Any]) -> torch.Tensor:
+    logits, labels = model(batch["q"], batch["k"])
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def _moco_ddp_kwargs() -> dict[str, Any]:
+    from dp4tl_ray.train.moco import ddp_kwargs
+
+    return ddp_kwargs()
+
+
+METHODS = {
+    "supervised": Method("supervised", ("image", "label"), lambda spec, cfg: build_model(spec, cfg["seed"]),
+                         _supervised_loss, lambda m: m),
+    "adversarial": Method("adversarial", ("image", "label"), lambda spec, cfg: build_model(spec, cfg["seed"]),
+                          _adversarial_loss, lambda m: m),
+    "moco_v2": Method("moco_v2", ("q", "k"), _build_moco, _moco_loss, lambda m: m.encoder_q, _moco_ddp_kwargs),
+}
+
+
+def _to_float_images(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1] (the model normalises inside)."""
+    x = t.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def _load_state(checkpoint) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+# Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
+RESUME_KEYS = ("mode", "arch", "small_input", "image_size", "keepset", "source", "batch_size", "num_workers",
+               "moco_dim", "moco_k", "seed")
+
+
+def check_resume_keys(state: dict[str, Any], cfg: dict[str, Any], run: str) -> None:
+    """Refuse to resume a checkpoint written under other settings (one-line error naming them)."""
+    from dp4tl_ray.errors import UserError
+
+    changed = [k for k in RESUME_KEYS if state.get("resume_keys", {}).get(k) != cfg[k]]
+    if changed:
+        raise UserError(f"run {run} was started with other settings ({', '.join(changed)} differ); "
+                        "resume it with the same settings or pick another --name")
+
+
+def latest_state(run_dir: str) -> dict[str, Any] | None:
+    """The training state of the newest checkpoint under a local run directory, if any."""
+    dirs = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    return torch.load(dirs[-1] / STATE_FILE, map_location="cpu", weights_only=True) if dirs else None
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Ray Train loop: resume from the latest checkpoint, train to ``cfg['epochs']``, report per
+    epoch. Returns the per-epoch metrics of the whole run (earlier attempts included)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from dp4tl_ray.models import save_checkpoint
+
+    method = METHODS[cfg["mode"]]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    torch.manual_seed(cfg["seed"] + rank)
+
+    spec = ModelSpec(**cfg["spec"])
+    model = method.build(spec, cfg)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=method.ddp_kwargs())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
+
+    start_epoch, history = 0, []
+    state = _load_state(ray.train.get_checkpoint())
+    if state is not None:
+        check_resume_keys(state, cfg, ctx.get_experiment_name())
+        inner = model.module if hasattr(model, "module") else model
+        inner.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+
+    remap = torch.full((cfg["num_source_classes"],), -1, dtype=torch.long)
+    remap[torch.tensor(cfg["kept_classes"], dtype=torch.long)] = torch.arange(len(cfg["kept_classes"]))
+    remap = remap.to(device)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg["epochs"]):
+        model.train()
+        t0 = time.perf_counter()
+        seen, loss_sum, steps = 0, 0.0, 0
+        # Full batches only where a short one breaks something: DDP ranks in step, MoCo's queue slots.
+        drop_last = world > 1 or method.name == "moco_v2"
+        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=drop_last,
+                                              local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+                                              local_shuffle_seed=cfg["seed"] * 1000 + epoch * 10 + rank):
+            if drop_last and len(batch[method.views[0]]) < cfg["batch_size"]:
+                continue  # MoCo's queue slots and DDP's lock-step need full batches on every rank
+            inputs = {k: _to_float_images(batch[k], cuda) for k in method.views if k != "label"}
+            if "label" in method.views:
+                inputs["label"] = remap[batch["label"].long()]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = method.loss(model, inputs, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = next(iter(inputs.values())).shape[0]
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            steps += 1
+        sched.step()
+        seconds = time.perf_counter() - t0
+        totals = torch.tensor([seen, loss_sum], dtype=torch.float64)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        images, loss_total = int(totals[0]), float(totals[1])
+        metrics = {"epoch": epoch + 1, "loss": loss_total / max(images, 1), "images": images,
+                   "images_per_s": images / max(seconds, 1e-9), "epoch_s": seconds, "lr": sched.get_last_lr()[0],
+                   "start_epoch": start_epoch, "world_size": world}
+        history.append(metrics)
+        last = epoch + 1 == cfg["epochs"]
+        if (epoch + 1) % cfg["checkpoint_every"] == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    inner = model.module if hasattr(model, "module") else model
+                    torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
+                                "resume_keys": {k: cfg[k] for k in RESUME_KEYS}}, os.path.join(tmp, STATE_FILE))
+                    save_checkpoint(method.backbone(inner), os.path.join(tmp, MODEL_FILE),
+                                    {"epoch": epoch + 1, "mode": cfg["mode"], "kept_classes": cfg["kept_classes"],
+                                     "config": cfg["public_config"]})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+    return history
+
+
+__all__ = ["METHODS", "MODEL_FILE", "STATE_FILE", "Method", "train_loop_per_worker"]

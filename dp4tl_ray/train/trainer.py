@@ -1,0 +1,211 @@
+"""Ray Train wiring for pretraining on a keep-set: one ``TorchTrainer`` for every mode.
+
+Resuming is Train V2's: a run restarted with the same ``out`` (storage path) and ``name`` picks up
+its latest checkpoint (``ray.train.get_checkpoint()`` in the loop), so run names never contain
+timestamps. Worker failures are retried from the latest checkpoint up to ``max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dp4tl_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+MODES = ("supervised", "moco_v2", "adversarial")
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run. Defaults are the usual ImageNet recipe; presets scale them down."""
+
+    source: str  # the source images: folder tree or parquet shards
+    out: str  # Ray Train storage path (local dir, NFS, or s3://); checkpoints go under out/name
+    name: str = "pretrain"  # stable run name: the same out + name resumes
+    mode: str = "supervised"  # supervised | moco_v2 | adversarial
+    keepset: str | None = None  # KeepSet directory; None = the whole source (dense)
+    class_index: str | None = None
+    arch: str = "resnet50"
+    small_input: bool = False
+    image_size: int = 224
+    resize_size: int | None = None  # decode resize before the random crop; default image_size * 8/7
+    crop_scale_min: float = 0.08  # RandomResizedCrop lower scale (MoCo v2 uses 0.2)
+    epochs: int = 90
+    batch_size: int = 256  # per worker
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1  # fractions allowed (e.g. 0.5 to fit 2 workers + data on 2 CPUs)
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0 = off)
+    rows_per_block: int = 256
+    seed: int = 0
+    # MoCo v2 (He et al. 2020 / Chen et al. 2020): feature dim, queue size, key momentum, temperature
+    moco_dim: int = 128
+    moco_k: int = 65536
+    moco_m: float = 0.999
+    moco_t: float = 0.2
+    # PGD adversarial training (Madry et al.; the paper's robust pretraining): L-inf eps 3/255, 3 steps
+    adv_eps: float = 3 / 255
+    adv_steps: int = 3
+    adv_norm: str = "linf"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.cpus_per_worker <= 0:
+            raise UserError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        for name in ("epochs", "batch_size", "num_workers", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise UserError(f"max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise UserError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.adv_norm not in ("linf", "l2"):
+            raise UserError(f"adv_norm must be linf or l2, got {self.adv_norm!r}")
+        if self.mode == "moco_v2" and self.moco_k % (self.batch_size * self.num_workers):
+            raise UserError(f"moco_k={self.moco_k} must be a multiple of batch_size x num_workers "
+                            f"= {self.batch_size * self.num_workers}")
+        if "/" in self.name or not self.name:
+            raise UserError(f"name must be a plain directory name, got {self.name!r}")
+
+
+@dataclass
+class PretrainResult:
+    """Where the run's checkpoints are, and its per-epoch metrics (of the last attempt)."""
+
+    run_dir: str
+    checkpoint: str | None  # directory holding model.pt / state.pt of the latest checkpoint
+    metrics: dict[str, Any]  # the last epoch's
+    history: list[dict[str, Any]]  # every epoch's, across resumes
+    kept_classes: list[int]
+    images: int
+    seconds: float
+
+    @property
+    def model_path(self) -> str | None:
+        from dp4tl_ray.train.loops import MODEL_FILE
+
+        return None if self.checkpoint is None else str(Path(self.checkpoint) / MODEL_FILE)
+
+
+def _augment_stage(cfg: PretrainConfig):
+    """The per-mode augmentation UDF and its kwargs (runs in Ray Data CPU tasks, fresh each epoch)."""
+    from dp4tl_ray.data import transforms
+
+    if cfg.mode == "moco_v2":
+        return transforms.moco_v2_augment, {"size": cfg.image_size}
+    return transforms.supervised_augment, {"size": cfg.image_size, "scale": (cfg.crop_scale_min, 1.0)}
+
+
+def training_dataset(cfg: PretrainConfig):
+    """Source rows -> kept rows (filtered before decoding) -> decode -> augment, plus the kept classes."""
+    from dp4tl_ray.data.decode import DecodeSpec
+    from dp4tl_ray.data.source import open_source
+    from dp4tl_ray.select.keepset import KeepSet
+
+    source = open_source(cfg.source, "auto", cfg.class_index)
+    labels = source_labels(source)
+    rows = source.rows(cfg.rows_per_block)
+    if cfg.keepset:
+        keep = KeepSet.load(cfg.keepset)
+        if keep.meta.source_fingerprint not in source.identities:
+            raise UserError(f"keep-set {cfg.keepset} was selected on another source (fingerprint differs); re-run `dp4tl select`")
+        if len(keep.ids) and keep.ids[-1] >= len(labels):
+            raise UserError(f"keep-set {cfg.keepset} holds ids beyond the source's {len(labels)} images")
+        kept_ids = keep.ids
+        rows = keep.filter(rows)
+    else:
+        kept_ids = np.arange(len(labels))
+    kept_classes = np.unique(labels[kept_ids]).tolist()
+    decode = DecodeSpec(cfg.image_size, cfg.resize_size or max(cfg.image_size, round(cfg.image_size * 8 / 7)))
+    ds = source.decode(rows, decode, cfg.rows_per_block)
+    fn, kwargs = _augment_stage(cfg)
+    ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=cfg.rows_per_block, num_cpus=1)
+    return ds, source, kept_classes, int(len(kept_ids))
+
+
+def source_labels(source) -> np.ndarray:
+    """Label of every source id (index = id), from the folder index or the shards' label column."""
+    from dp4tl_ray.data.imagefolder import FolderIndex
+
+    if isinstance(source.handle, FolderIndex):
+        return source.handle.labels
+    import pyarrow.parquet as pq
+
+    t = pq.ParquetDataset(source.handle.files).read(columns=["id", "label"]).sort_by("id")
+    ids = t.column("id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise UserError(f"shards under {source.path} do not hold ids 0..N-1; re-create them with `dp4tl data shard`")
+    return t.column("label").to_numpy()
+
+
+def _check_cluster_fits(cfg: PretrainConfig) -> None:
+    """Refuse a run whose workers would take every CPU: Ray Data's decode tasks would then never
+    run and training would hang waiting for its first batch."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    if cfg.use_gpu and gpus < cfg.num_workers:
+        raise UserError(f"{cfg.num_workers} GPU workers asked but the cluster has {gpus:g} GPUs; lower num_workers")
+    left = cpus - cfg.num_workers * cfg.cpus_per_worker
+    if left < 1:
+        raise UserError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPUs leave {left:g} of the cluster's {cpus:g} "
+                        "CPUs for data loading; leave at least 1 (lower num_workers or cpus_per_worker)")
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Fit (or resume) the run ``cfg.out/cfg.name`` and return its latest checkpoint and metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dp4tl_ray.train.loops import check_resume_keys, latest_state, train_loop_per_worker
+
+    cfg.validate()
+    if not ray.is_initialized():
+        ray.init()
+    _check_cluster_fits(cfg)
+    ds, source, kept_classes, images = training_dataset(cfg)
+    spec = {"arch": cfg.arch, "num_classes": len(kept_classes) if cfg.mode != "moco_v2" else cfg.moco_dim,
+            "small_input": cfg.small_input}
+    loop_cfg = {**asdict(cfg), "spec": spec, "kept_classes": kept_classes, "num_source_classes": len(source.classes),
+                "public_config": asdict(cfg)}
+    storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    if "://" not in storage:  # refuse early (not inside a worker, not retried) a resume under other settings
+        state = latest_state(str(Path(storage) / cfg.name))
+        if state is not None:
+            check_resume_keys(state, loop_cfg, cfg.name)
+            log.info("resuming run %s from epoch %d", cfg.name, state["epoch"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        datasets={"train": ds},
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return PretrainResult(run_dir=str(Path(storage) / cfg.name) if "://" not in storage else f"{storage}/{cfg.name}",
+                          checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
+                          kept_classes=kept_classes,
+                          images=images, seconds=seconds)

@@ -1,0 +1,191 @@
+"""Baselines: matched image budgets, random / Moderate-DS / top-score selection, EL2N and GraNd scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dp4tl_ray.data.decode import DecodeSpec
+from dp4tl_ray.data.imagefolder import scan_image_folder
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.models import ModelSpec, build_model
+from dp4tl_ray.select.baselines import image_budget, moderate, random_by_class, random_by_image, top_scores
+from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta
+from dp4tl_ray.select.scores import SCORES_FILE, ScoreEmbedder, compute_scores, sample_scores
+
+SPEC = ModelSpec("resnet18", num_classes=3, small_input=True)
+
+
+def _keepset(ids: np.ndarray) -> KeepSet:
+    meta = KeepSetMeta(method="lm", ratio=0.5, units_kept=1, units_total=2, votes_per_unit=[1.0, 0.0],
+                       images_kept=len(ids), images_total=1000, surrogate="resnet18", source_fingerprint="x",
+                       downstream=["task"], seed=0)
+    return KeepSet(ids=ids, meta=meta)
+
+
+def test_budget_is_a_fraction_of_images_or_the_compared_keepsets_size():
+    assert image_budget(10, keep_fraction=0.7) == 7
+    assert image_budget(10, keep_fraction=1.0) == 10
+    assert image_budget(1000, match_keepset=_keepset(np.arange(0, 1000, 3))) == 334
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"keep_fraction": 0.0}, r"\(0, 1\]"),
+    ({"keep_fraction": 1.5}, r"\(0, 1\]"),
+    ({"keep_fraction": float("nan")}, r"\(0, 1\]"),
+    ({"keep_fraction": 0.05}, r"\[1, 10\]"),  # floor(0.5) = 0 images
+    ({}, "exactly one"),
+    ({"keep_fraction": 0.5, "match_keepset": _keepset(np.arange(3))}, "exactly one"),
+    ({"match_keepset": _keepset(np.arange(11))}, r"\[1, 10\]"),
+])
+def test_bad_budgets_are_one_line_errors(kwargs, match):
+    with pytest.raises(UserError, match=match) as e:
+        image_budget(10, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_selectors_refuse_a_budget_of_zero_or_above_the_images_available():
+    ids = np.arange(5)
+    for budget in (0, 6):
+        with pytest.raises(UserError, match=r"\[1, 5\]"):
+            random_by_image(ids, budget, seed=0)
+        with pytest.raises(UserError, match=r"\[1, 5\]"):
+            top_scores(np.ones(5), ids, budget)
+    with pytest.raises(UserError, match="unique"):
+        random_by_image(np.array([1, 1, 2]), 1, seed=0)
+
+
+def test_random_by_image_keeps_the_budget_and_the_same_seed_gives_the_same_ids():
+    ids = np.random.default_rng(1).permutation(np.arange(100, 1100))
+    kept = random_by_image(ids, 250, seed=7)
+    assert kept.shape == (250,) and (np.diff(kept) > 0).all() and np.isin(kept, ids).all()
+    assert np.array_equal(kept, random_by_image(ids[::-1], 250, seed=7))  # input order does not matter
+    assert not np.array_equal(kept, random_by_image(ids, 250, seed=8))
+
+
+def test_random_by_class_drops_whole_classes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, size=500)
+    ids = rng.permutation(500).astype(np.int64)
+    kept = random_by_class(labels, ids, ratio=0.3, seed=3)
+    kept_classes = np.unique(labels[np.isin(ids, kept)])
+    assert kept_classes.shape == (7,)  # floor(0.3 * 10) = 3 classes dropped
+    assert np.array_equal(kept, np.sort(ids[np.isin(labels, kept_classes)]))  # every image of a kept class
+    assert np.array_equal(kept, random_by_class(labels, ids, ratio=0.3, seed=3))
+    assert np.array_equal(random_by_class(labels, ids, ratio=0.0, seed=3), np.arange(500))
+
+
+def test_moderate_keeps_images_nearest_their_class_median_distance():
+    # Class 0 on the x axis: distances to its centre (0, 0) are 2 1 0 1 2, median 1, scores 1 0 1 0 1.
+    # Class 1 far away: distances 3.25 1.25 0.75 3.75 to its centre, median 2.25, scores 1 1 1.5 1.5.
+    feats = np.array([[-2, 0], [-1, 0], [0, 0], [1, 0], [2, 0],
+                      [10, 7], [10, 9], [10, 11], [10, 14]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    ids = np.array([10, 11, 12, 13, 14, 20, 21, 22, 23])
+    assert moderate(feats, labels, ids, budget=2).tolist() == [11, 13]
+    # Five images tie at score 1: the smaller ids win.
+    assert moderate(feats, labels, ids, budget=4).tolist() == [10, 11, 12, 13]
+    assert moderate(feats, labels, ids, budget=7).tolist() == [10, 11, 12, 13, 14, 20, 21]
+    perm = np.random.default_rng(0).permutation(9)
+    assert moderate(feats[perm], labels[perm], ids[perm], budget=7).tolist() == [10, 11, 12, 13, 14, 20, 21]
+
+
+def test_top_scores_keeps_the_highest_scores_ties_by_smaller_id():
+    scores = np.array([0.1, 0.9, 0.5, 0.9, 0.3])
+    ids = np.array([5, 4, 3, 2, 1])
+    assert top_scores(scores, ids, 1).tolist() == [2]
+    assert top_scores(scores, ids, 3).tolist() == [2, 3, 4]
+    with pytest.raises(UserError, match="finite"):
+        top_scores(np.array([np.nan, 1.0]), np.array([0, 1]), 1)
+
+
+def _models_with_bn_statistics(x: torch.Tensor, seeds=(0, 1)) -> list:
+    """Seeded models whose BatchNorm running statistics come from ``x`` (not the init values)."""
+    models = []
+    for seed in seeds:
+        model = build_model(SPEC, seed).train()
+        with torch.no_grad():
+            model(x)
+        models.append(model.eval())
+    return models
+
+
+def _naive_grad_norm(model, x: torch.Tensor, y: torch.Tensor, params) -> float:
+    model.zero_grad()
+    F.cross_entropy(model(x[None]), y[None]).backward()
+    return float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
+
+
+def test_grand_by_torch_func_equals_naive_per_sample_backward_averaged_over_seeds():
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2])
+    models = _models_with_bn_statistics(x)
+    batch = {"id": np.array([4, 9]), "label": y.numpy().astype(np.int32),
+             "image": (x[:2] * 255).round().byte().permute(0, 2, 3, 1).numpy()}
+    out = ScoreEmbedder(SPEC, [m.net.state_dict() for m in models], grand_params="all")(batch)
+    xs = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() / 255
+    naive = [[_naive_grad_norm(m, xs[i], y[i], list(m.parameters())) for i in range(2)] for m in models]
+    with torch.no_grad():
+        el2n = [(m(xs).softmax(1) - F.one_hot(y, 3)).norm(dim=1).numpy() for m in models]
+    assert out["id"].tolist() == [4, 9]
+    np.testing.assert_allclose(out["grand"], np.mean(naive, axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["el2n"], np.mean(el2n, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_grand_last_is_the_closed_form_classifier_gradient_norm():
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    (model,) = _models_with_bn_statistics(x, seeds=(0,))
+    el2n, grand = sample_scores(model, x, y, grand_params="last")
+    fc = [model.net.fc.weight, model.net.fc.bias]
+    naive = [_naive_grad_norm(model, x[i], y[i], fc) for i in range(6)]
+    np.testing.assert_allclose(grand.numpy(), naive, rtol=1e-4, atol=1e-5)
+    assert (grand > el2n).all()
+
+
+def _colour_folder(root, per_class: int = 30, mislabeled: int = 3) -> list[str]:
+    """Three classes of noisy red / green / blue 8 px images; ``mislabeled`` images per class sit in
+    the next class's folder, and one file is unreadable. Returns the misplaced files' paths."""
+    rng = np.random.default_rng(0)
+    wrong = []
+    for c in range(3):
+        for i in range(per_class):
+            pixels = np.clip(np.eye(3)[c] * 0.6 + 0.2 + rng.normal(0, 0.15, (8, 8, 3)), 0, 1)
+            folder = f"class{(c + 1) % 3 if i < mislabeled else c}"
+            path = root / folder / f"c{c}_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+            if i < mislabeled:
+                wrong.append(f"{folder}/{path.name}")
+    (root / "class0" / "broken.png").write_bytes(b"not an image")
+    return wrong
+
+
+@pytest.mark.ray
+def test_mislabeled_images_score_higher_and_unreadable_ones_are_absent(ray_local, tmp_path):
+    wrong = _colour_folder(tmp_path / "train")
+    table = compute_scores(tmp_path / "train", SPEC, DecodeSpec(8, 8), epochs=1, seeds=(0, 1), batch_size=16,
+                           out=tmp_path / "scores", grand_params="last", lr=0.005, rows_per_block=32)
+    index = scan_image_folder(tmp_path / "train")
+    ids = table.column("id").to_numpy()
+    assert ids.tolist() == [i for i, p in enumerate(index.paths) if p != "class0/broken.png"]
+    assert pq.read_table(tmp_path / "scores" / SCORES_FILE).equals(table)
+    is_wrong = np.isin(ids, [index.paths.index(p) for p in wrong])
+    for column in ("el2n", "grand"):
+        score = table.column(column).to_numpy()
+        assert np.isfinite(score).all()
+        assert score[is_wrong].mean() > score[~is_wrong].mean(), column
+
+
+def test_bad_score_settings_are_one_line_errors(tmp_path):
+    _colour_folder(tmp_path / "train", per_class=1, mislabeled=0)
+    with pytest.raises(UserError, match="raise num_classes"):
+        compute_scores(tmp_path / "train", ModelSpec("resnet18", 2, True), DecodeSpec(8, 8))
+    with pytest.raises(UserError, match="grand_params"):
+        compute_scores(tmp_path / "train", SPEC, DecodeSpec(8, 8), grand_params="first")
+    with pytest.raises(UserError, match="at least one seed"):
+        compute_scores(tmp_path / "train", SPEC, DecodeSpec(8, 8), seeds=())

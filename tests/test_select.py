@@ -1,0 +1,121 @@
+"""Keep-sets end to end on generated data: LM and FM recover the planted relevant classes.
+
+A resnet18 surrogate is pretrained (Ray Train) on the whole generated source, both the source and
+the downstream task are extracted with it (Ray Data), then every selection method runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dp4tl_ray.data.imagefolder import scan_image_folder
+from dp4tl_ray.data.synthetic import SynthConfig, generate
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.features import ExtractConfig, extract_features
+from dp4tl_ray.select.keepset import KeepSet
+from dp4tl_ray.select.pipeline import SelectConfig, format_keepset_summary, select_keepset
+from dp4tl_ray.train.trainer import PretrainConfig, pretrain
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    """Generated source (6 domains x 4 classes), one task on 2 domains, a trained surrogate, both stores."""
+    root = tmp_path_factory.mktemp("sel")
+    synth = generate(SynthConfig(root=str(root / "data"), num_domains=6, classes_per_domain=4, images_per_class=24,
+                                 image_size=32, domains_per_task=2, classes_per_task_domain=4, train_per_class=12,
+                                 test_per_class=4, seed=1))
+    run = pretrain(PretrainConfig(source=str(synth.source_dir), out=str(root / "runs"), name="surrogate", arch="resnet18",
+                                  image_size=32, resize_size=32, crop_scale_min=0.6, epochs=8, batch_size=32, lr=0.05,
+                                  weight_decay=5e-4, shuffle_buffer=256))
+    common = dict(arch="resnet18", checkpoint=run.model_path, image_size=32, resize_size=32, batch_size=64, topk=3)
+    source = extract_features(ExtractConfig(source=str(synth.source_dir), out=str(root / "f-src"), **common), progress=False)
+    task = synth.task_dirs[0]
+    down = extract_features(ExtractConfig(source=str(task / "train"), out=str(root / "f-task"),
+                                          num_classes=len(source.manifest["classes"]), **common), progress=False)
+    truth = json.loads((task / "ground_truth.json").read_text())
+    return root, synth, source, down, set(truth["relevant_class_indices"])
+
+
+def _kept_classes(ks: KeepSet, labels: np.ndarray) -> set[int]:
+    return set(np.unique(labels[ks.ids]).tolist())
+
+
+def _select(world, method, ratio=0.5, name=None, **kw) -> KeepSet:
+    root, _, source, down, _ = world
+    return select_keepset(SelectConfig(method=method, ratio=ratio, source_features=str(source.path),
+                                       downstream_features=[str(down.path)], out=str(root / (name or method)), **kw))
+
+
+@pytest.mark.parametrize("method", ["lm", "fm", "fm-classmean"])
+def test_lm_and_fm_keep_the_planted_relevant_classes(world, method):
+    _, synth, _, _, relevant = world
+    labels = scan_image_folder(synth.source_dir).labels
+    ks = _select(world, method)
+    if method == "fm":  # clusters need not align with classes: count relevant *images* kept
+        relevant_images = np.isin(labels, sorted(relevant))
+        kept = np.zeros(len(labels), bool)
+        kept[ks.ids] = True
+        assert kept[relevant_images].mean() >= 0.9
+    else:
+        assert len(_kept_classes(ks, labels) & relevant) >= 0.9 * len(relevant)
+        assert ks.meta.units_kept == 12 and ks.meta.units_total == 24
+    assert 0.3 < ks.meta.images_kept / ks.meta.images_total < 0.7
+    assert KeepSet.load(world[0] / method).ids.tolist() == ks.ids.tolist()
+
+
+def test_random_class_baseline_keeps_about_half_of_the_relevant_classes(world):
+    _, synth, _, _, relevant = world
+    labels = scan_image_folder(synth.source_dir).labels
+    shares = [len(_kept_classes(_select(world, "random-class", seed=s, name=f"rc{s}"), labels) & relevant) / len(relevant)
+              for s in range(8)]
+    assert 0.3 <= float(np.mean(shares)) <= 0.7
+
+
+def test_keepsets_are_reproducible_and_summarised(world):
+    a, b = _select(world, "lm", name="lm-a"), _select(world, "lm", name="lm-b")
+    assert a.ids.tolist() == b.ids.tolist() and a.meta.sha256 == b.meta.sha256
+    text = format_keepset_summary(a, "lm-a")
+    assert "units kept 12/24" in text and "most voted" in text
+    soft = _select(world, "lm", name="lm-soft", vote_topk=3)
+    assert soft.meta.extra["vote_topk"] == 3 and abs(sum(soft.meta.votes_per_unit) - world[3].num_rows) < 1e-6
+
+
+def test_image_baselines_match_the_budget_of_the_method(world):
+    root = world[0]
+    lm = _select(world, "lm", ratio=0.8, name="lm80")
+    for method in ("random-image", "moderate"):
+        ks = _select(world, method, ratio=0.8, name=f"{method}80", match=str(root / "lm80"))
+        assert len(ks) == len(lm) and ks.meta.extra["matched"] == str(root / "lm80")
+
+
+def test_score_baselines_use_cached_scores(world, tmp_path):
+    import pyarrow as pa
+
+    _, _, source, _, _ = world
+    ids = source.read(["id"]).column("id").to_numpy()
+    el2n = np.zeros(len(ids), np.float32)
+    el2n[:10] = 1.0  # the ten highest
+    pq.write_table(pa.table({"id": ids, "el2n": el2n, "grand": -el2n}), tmp_path / "scores.parquet")
+    ks = _select(world, "el2n", keep_fraction=10 / len(ids), scores=str(tmp_path / "scores.parquet"), name="el2n")
+    assert ks.ids.tolist() == ids[:10].tolist()
+
+
+def test_selection_errors_are_one_line(world, tmp_path):
+    root, _, source, down, _ = world
+    with pytest.raises(UserError, match=r"ratio must be in \[0, 1\)"):
+        _select(world, "lm", ratio=1.0)
+    with pytest.raises(UserError, match="unknown method"):
+        _select(world, "craig")
+    with pytest.raises(UserError, match="no downstream FeatureStore"):
+        select_keepset(SelectConfig(method="lm", ratio=0.5, source_features=str(source.path), out=str(tmp_path / "x")))
+    other = extract_features(ExtractConfig(source=str(world[1].task_dirs[0] / "train"), out=str(tmp_path / "other"),
+                                           arch="resnet18", image_size=32, resize_size=32, num_classes=24, seed=7), progress=False)
+    with pytest.raises(UserError, match="another surrogate"):
+        select_keepset(SelectConfig(method="lm", ratio=0.5, source_features=str(source.path),
+                                    downstream_features=[str(other.path)], out=str(tmp_path / "y")))

@@ -1,0 +1,86 @@
+"""Training augmentations: shapes, per-sample randomness, independent views, seeded determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from dp4tl_ray.data.transforms import _GaussianBlur, finetune_augment, moco_v2_augment, supervised_augment
+
+
+def _batch(n: int = 6, side: int = 40) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    # a smooth gradient plus noise, so different crops give visibly different pixels
+    ramp = np.linspace(0, 200, side, dtype=np.float32)
+    base = ramp[None, :, None, None] + ramp[None, None, :, None] + rng.uniform(0, 55, (n, side, side, 3))
+    image = np.clip(base, 0, 255).astype(np.uint8)
+    image.setflags(write=False)  # Ray Data hands out read-only Arrow-backed arrays
+    return {"id": np.arange(n, dtype=np.int64), "label": np.arange(n, dtype=np.int32) % 3, "image": image}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_supervised_augment_gives_uint8_crops_of_the_asked_size():
+    out = supervised_augment(_batch(), size=24, generator=_gen(0))
+    assert out["image"].shape == (6, 24, 24, 3) and out["image"].dtype == np.uint8
+    assert np.array_equal(out["id"], np.arange(6)) and np.array_equal(out["label"], _batch()["label"])
+
+
+def test_moco_v2_augment_gives_two_uint8_views_and_keeps_id_label():
+    out = moco_v2_augment(_batch(), size=24, generator=_gen(0))
+    assert set(out) == {"id", "label", "q", "k"}
+    for view in ("q", "k"):
+        assert out[view].shape == (6, 24, 24, 3) and out[view].dtype == np.uint8
+
+
+def test_moco_v2_views_differ():
+    out = moco_v2_augment(_batch(), size=24, generator=_gen(1))
+    assert all(not np.array_equal(q, k) for q, k in zip(out["q"], out["k"]))
+
+
+def test_augment_is_deterministic_with_a_seeded_generator():
+    a, b = moco_v2_augment(_batch(), 24, generator=_gen(7)), moco_v2_augment(_batch(), 24, generator=_gen(7))
+    c = moco_v2_augment(_batch(), 24, generator=_gen(8))
+    assert np.array_equal(a["q"], b["q"]) and np.array_equal(a["k"], b["k"])
+    assert not np.array_equal(a["q"], c["q"])
+    assert np.array_equal(supervised_augment(_batch(), 24, generator=_gen(3))["image"],
+                          supervised_augment(_batch(), 24, generator=_gen(3))["image"])
+
+
+def test_augment_without_generator_differs_between_calls():
+    a, b = supervised_augment(_batch(), 24)["image"], supervised_augment(_batch(), 24)["image"]
+    assert not np.array_equal(a, b)
+
+
+def test_each_sample_gets_its_own_crop():
+    same = np.repeat(_batch(1)["image"], 8, axis=0)  # one image, eight times
+    out = supervised_augment({"id": np.arange(8), "label": np.zeros(8), "image": same}, 24, generator=_gen(0))
+    assert len({o.tobytes() for o in out["image"]}) == 8
+    views = moco_v2_augment({"id": np.arange(8), "label": np.zeros(8), "image": same}, 24, generator=_gen(0))
+    assert len({o.tobytes() for o in views["q"]}) == 8
+
+
+def test_augment_leaves_the_global_torch_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    moco_v2_augment(_batch(), 24, generator=_gen(0))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_empty_batch_gives_empty_views():
+    empty = {"id": np.zeros(0, np.int64), "label": np.zeros(0, np.int32), "image": np.zeros((0, 40, 40, 3), np.uint8)}
+    assert supervised_augment(empty, 24)["image"].shape == (0, 24, 24, 3)
+    assert moco_v2_augment(empty, 24)["k"].shape == (0, 24, 24, 3)
+
+
+def test_finetune_augment_is_the_supervised_recipe():
+    assert finetune_augment is supervised_augment
+
+
+def test_separable_blur_matches_torchvision_gaussian_blur():
+    img = torch.rand(3, 32, 32, generator=_gen(0))
+    torch.testing.assert_close(_GaussianBlur(7, (1.3, 1.3))(img), TF.gaussian_blur(img, [7, 7], [1.3, 1.3]))
