@@ -21,6 +21,17 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded, and the 2-core test machine is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synth_dirty(tmp_path_factory):
     """A tiny generated dataset (4 domains x 3 classes x 10 images, 32 px) with planted broken files."""

@@ -20,18 +20,11 @@ from dp4tl_ray.train.moco import MoCoV2, ddp_kwargs
 SPEC = ModelSpec("resnet18", small_input=True)
 SIDE = 8  # tiny images keep a resnet18 step well under a second on CPU
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _images(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the 2-core test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

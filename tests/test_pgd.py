@@ -10,14 +10,7 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import ModelSpec, build_model
 from dp4tl_ray.train.pgd import PGD_L2_EPS, pgd_attack
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the 2-core test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ class EvalConfig:
     """One downstream evaluation: a backbone checkpoint (None = random init baseline), a task, a recipe."""
 
     task_dir: str  # holds train/<class>/* and test/<class>/*
-    checkpoint: str | None  # a .pt backbone from any pretraining mode; None = seeded random init
+    checkpoint: str | None = None  # a .pt backbone from any pretraining mode; None = seeded random init
     arch: str = "resnet18"
     small_input: bool = False
     image_size: int = 224
