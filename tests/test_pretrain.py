@@ -121,8 +121,9 @@ def test_killed_worker_is_recovered_and_the_run_finishes(ray_local, synth_dirty,
 # MoCo's first epoch is measured against a queue of random keys (easy negatives), so its loss is
 # compared from epoch 2 on, once the queue holds real keys; MoCo also needs the small learning
 # rate of its recipe (0.03 per 256 images), or its MLP head collapses to a constant on tiny data.
-MODE_SETTINGS = {"adversarial": ({"epochs": 4}, 0),
-                 "moco_v2": ({"epochs": 8, "lr": 0.002, "moco_m": 0.99, "weight_decay": 1e-4}, 1)}
+# Both run in Ray Train's local mode (num_workers=0): the multi-worker machinery is tested above.
+MODE_SETTINGS = {"adversarial": ({"epochs": 4, "lr": 0.01, "num_workers": 0}, 0),
+                 "moco_v2": ({"epochs": 8, "lr": 0.002, "moco_m": 0.99, "weight_decay": 1e-4, "num_workers": 0}, 1)}
 
 
 @pytest.mark.parametrize("mode", ["moco_v2", "adversarial"])

@@ -32,7 +32,7 @@ def world(ray_local, tmp_path_factory):
                                  test_per_class=4, seed=1))
     run = pretrain(PretrainConfig(source=str(synth.source_dir), out=str(root / "runs"), name="surrogate", arch="resnet18",
                                   image_size=32, resize_size=32, crop_scale_min=0.6, epochs=8, batch_size=32, lr=0.05,
-                                  weight_decay=5e-4, shuffle_buffer=256))
+                                  weight_decay=5e-4, shuffle_buffer=256, num_workers=0))
     common = dict(arch="resnet18", checkpoint=run.model_path, image_size=32, resize_size=32, batch_size=64, topk=3)
     source = extract_features(ExtractConfig(source=str(synth.source_dir), out=str(root / "f-src"), **common), progress=False)
     task = synth.task_dirs[0]

@@ -7,12 +7,13 @@ checkpoints, resume, metrics - is the same for all modes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -90,6 +91,19 @@ def _load_state(checkpoint) -> dict[str, Any] | None:
 # Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
 RESUME_KEYS = ("mode", "arch", "small_input", "image_size", "keepset", "source", "batch_size", "num_workers",
                "moco_dim", "moco_k", "seed")
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(cfg: dict[str, Any], epoch: int) -> Iterator[str]:
+    """Where a checkpoint is staged before ``report``: a temp dir that Ray Train copies to storage,
+    except in local mode (no workers), where nothing copies it and the staged dir is the checkpoint."""
+    if cfg["num_workers"] == 0:
+        path = Path(cfg["local_checkpoints"]) / f"checkpoint_epoch{epoch:05d}"
+        path.mkdir(parents=True, exist_ok=True)
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp
 
 
 def check_resume_keys(state: dict[str, Any], cfg: dict[str, Any], run: str) -> None:
@@ -186,7 +200,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         history.append(metrics)
         last = epoch + 1 == cfg["epochs"]
         if (epoch + 1) % cfg["checkpoint_every"] == 0 or last:
-            with tempfile.TemporaryDirectory() as tmp:
+            with _checkpoint_dir(cfg, epoch + 1) as tmp:
                 if rank == 0:
                     inner = model.module if hasattr(model, "module") else model
                     torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(),

@@ -41,7 +41,7 @@ class PretrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    num_workers: int = 1
+    num_workers: int = 1  # 0 = Ray Train's local mode: the loop runs in this process (debugging, quick tests)
     use_gpu: bool = False
     cpus_per_worker: float = 1  # fractions allowed (e.g. 0.5 to fit 2 workers + data on 2 CPUs)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
@@ -65,7 +65,9 @@ class PretrainConfig:
             raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.cpus_per_worker <= 0:
             raise UserError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        for name in ("epochs", "batch_size", "num_workers", "checkpoint_every", "keep_checkpoints"):
+        if self.num_workers < 0:
+            raise UserError(f"num_workers must be >= 0 (0 = local mode), got {self.num_workers}")
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_failures < -1:
@@ -76,9 +78,9 @@ class PretrainConfig:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if self.adv_norm not in ("linf", "l2"):
             raise UserError(f"adv_norm must be linf or l2, got {self.adv_norm!r}")
-        if self.mode == "moco_v2" and self.moco_k % (self.batch_size * self.num_workers):
-            raise UserError(f"moco_k={self.moco_k} must be a multiple of batch_size x num_workers "
-                            f"= {self.batch_size * self.num_workers}")
+        global_batch = self.batch_size * max(1, self.num_workers)
+        if self.mode == "moco_v2" and self.moco_k % global_batch:
+            raise UserError(f"moco_k={self.moco_k} must be a multiple of batch_size x num_workers = {global_batch}")
         if "/" in self.name or not self.name:
             raise UserError(f"name must be a plain directory name, got {self.name!r}")
 
@@ -186,6 +188,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     loop_cfg = {**asdict(cfg), "spec": spec, "kept_classes": kept_classes, "num_source_classes": len(source.classes),
                 "public_config": asdict(cfg)}
     storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    if cfg.num_workers == 0 and "://" in storage:
+        raise UserError("local mode (num_workers=0) keeps checkpoints on this machine; give a local --out")
+    loop_cfg["local_checkpoints"] = str(Path(storage) / cfg.name / "local")
     if "://" not in storage:  # refuse early (not inside a worker, not retried) a resume under other settings
         state = latest_state(str(Path(storage) / cfg.name))
         if state is not None:
