@@ -115,6 +115,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"checkpoint: {r.model_path}")
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from dp4tl_ray.train.evaluate import EvalConfig, evaluate
+
+    cfg = _config_from_args(EvalConfig, args)
+    r = evaluate(cfg)
+    print(f"{r['mode'].upper()} on {r['task']}: test top-1 {r['test_acc']:.4f} at epoch {r['best_epoch']} "
+          f"(chosen on validation, val {r['val_acc']:.4f}); max test over epochs {r['test_acc_max_over_epochs']:.4f} "
+          "(selection on test, for comparison with the paper only)")
+    print(f"results: {cfg.out_path()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dp4tl_ray.data.synthetic import SynthConfig
     from dp4tl_ray.features import ExtractConfig
@@ -154,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="Ray Train DDP pretraining on a keep-set (supervised, moco_v2, adversarial)")
     _add_config_flags(pre, PretrainConfig)
     pre.set_defaults(func=_cmd_pretrain)
+
+    from dp4tl_ray.train.evaluate import EvalConfig
+
+    ev = sub.add_parser("evaluate", help="linear probe (lp) or full finetune (ff) of a pretrained backbone on a downstream task")
+    _add_config_flags(ev, EvalConfig)
+    ev.set_defaults(func=_cmd_evaluate)
     return p
 
 

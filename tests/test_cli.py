@@ -51,3 +51,12 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("dp4tl")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     assert "extract" in out and "data" in out
+
+
+def test_every_stage_has_a_command_and_bad_input_exits_2(tmp_path, capsys):
+    assert run(["evaluate", "--task-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r.json")]) == 2
+    assert "task" in _one_line_error(capsys)
+    assert run(["pretrain", "--source", str(tmp_path), "--out", str(tmp_path / "runs"), "--mode", "simclr"]) == 2
+    assert "unknown mode" in _one_line_error(capsys)
+    assert run(["select", "--method", "lm", "--ratio", "1.5", "--source-features", str(tmp_path)]) == 2
+    assert "ratio" in _one_line_error(capsys)
