@@ -93,7 +93,7 @@ class ExtractConfig:
     std: tuple[float, ...] | None = None
 
     def decode_spec(self) -> DecodeSpec:
-        return DecodeSpec(self.image_size, self.resize_size or round(self.image_size * 8 / 7))
+        return DecodeSpec.for_size(self.image_size, self.resize_size)
 
     def validate(self) -> None:
         for name in ("topk", "batch_size", "rows_per_block"):

@@ -22,6 +22,11 @@ class DecodeSpec:
     size: int = 224
     resize: int = 256
 
+    @classmethod
+    def for_size(cls, size: int, resize: int | None = None) -> DecodeSpec:
+        """``resize`` defaults to the usual ImageNet ratio, ``size * 8/7`` (224 -> 256)."""
+        return cls(size, resize or round(size * 8 / 7))
+
     def __post_init__(self) -> None:
         from dp4tl_ray.errors import UserError
 

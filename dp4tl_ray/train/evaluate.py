@@ -76,7 +76,7 @@ class EvalConfig:
         return (lr if self.lr is None else self.lr), (epochs if self.epochs is None else self.epochs)
 
     def decode_spec(self) -> DecodeSpec:
-        return DecodeSpec(self.image_size, self.resize_size or round(self.image_size * 8 / 7))
+        return DecodeSpec.for_size(self.image_size, self.resize_size)
 
     def out_path(self) -> Path:
         if self.out is not None:

@@ -133,7 +133,7 @@ def training_dataset(cfg: PretrainConfig):
     else:
         kept_ids = np.arange(len(labels))
     kept_classes = np.unique(labels[kept_ids]).tolist()
-    decode = DecodeSpec(cfg.image_size, cfg.resize_size or max(cfg.image_size, round(cfg.image_size * 8 / 7)))
+    decode = DecodeSpec.for_size(cfg.image_size, cfg.resize_size)
     ds = source.decode(rows, decode, cfg.rows_per_block)
     fn, kwargs = _augment_stage(cfg)
     ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=cfg.rows_per_block, num_cpus=1)
