@@ -150,27 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--class-index", default=None)
     shard.set_defaults(func=_cmd_shard)
 
-    extract = sub.add_parser("extract", help="run the surrogate over a dataset with Ray Data -> FeatureStore")
-    _add_config_flags(extract, ExtractConfig)
-    extract.set_defaults(func=_cmd_extract)
-
     from dp4tl_ray.select.pipeline import SelectConfig
-
-    select = sub.add_parser("select", help="votes -> ranked units -> KeepSet (lm, fm, fm-classmean, baselines)")
-    _add_config_flags(select, SelectConfig)
-    select.set_defaults(func=_cmd_select)
-
+    from dp4tl_ray.train.evaluate import EvalConfig
     from dp4tl_ray.train.trainer import PretrainConfig
 
-    pre = sub.add_parser("pretrain", help="Ray Train DDP pretraining on a keep-set (supervised, moco_v2, adversarial)")
-    _add_config_flags(pre, PretrainConfig)
-    pre.set_defaults(func=_cmd_pretrain)
-
-    from dp4tl_ray.train.evaluate import EvalConfig
-
-    ev = sub.add_parser("evaluate", help="linear probe (lp) or full finetune (ff) of a pretrained backbone on a downstream task")
-    _add_config_flags(ev, EvalConfig)
-    ev.set_defaults(func=_cmd_evaluate)
+    stages = [
+        ("extract", "run the surrogate over a dataset with Ray Data -> FeatureStore", ExtractConfig, _cmd_extract),
+        ("select", "votes -> ranked units -> KeepSet (lm, fm, fm-classmean, baselines)", SelectConfig, _cmd_select),
+        ("pretrain", "Ray Train DDP pretraining on a keep-set (supervised, moco_v2, adversarial)", PretrainConfig,
+         _cmd_pretrain),
+        ("evaluate", "linear probe (lp) or full finetune (ff) of a pretrained backbone on a downstream task",
+         EvalConfig, _cmd_evaluate),
+    ]
+    for name, help_, cls, func in stages:
+        stage = sub.add_parser(name, help=help_)
+        _add_config_flags(stage, cls)
+        stage.set_defaults(func=func)
     return p
 
 
