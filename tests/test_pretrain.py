@@ -48,7 +48,10 @@ def keepset_6(synth_dirty, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_run(ray_local, synth_dirty, keepset_6, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    cfg = _cfg(synth_dirty.source_dir, out, name="ddp", keepset=str(keepset_6[0]), num_workers=2, cpus_per_worker=0.5)
+    # lr 0.01: at 0.05 the 2-rank run (batch 16 per rank, unseeded augmentation) sometimes overshoots
+    # in epoch 2 and its loss is above epoch 1's after 3 epochs.
+    cfg = _cfg(synth_dirty.source_dir, out, name="ddp", keepset=str(keepset_6[0]), num_workers=2, cpus_per_worker=0.5,
+               lr=0.01)
     return cfg, pretrain(cfg)
 
 
