@@ -126,6 +126,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"results: {cfg.out_path()}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from dp4tl_ray.report import write_report
+
+    paths = write_report(args.sweep_dir, args.out)
+    print(paths["report.md"].read_text())
+    for path in paths.values():
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dp4tl_ray.data.synthetic import SynthConfig
     from dp4tl_ray.features import ExtractConfig
@@ -166,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=help_)
         _add_config_flags(stage, cls)
         stage.set_defaults(func=func)
+
+    report = sub.add_parser("report", help="accuracy and time tables (Markdown, CSV) and plots from a sweep's results")
+    report.add_argument("sweep_dir", help="the sweep's directory (holds results.jsonl); local path or URI")
+    report.add_argument("--out", default=None, help="where to write the report (default: SWEEP_DIR/report)")
+    report.set_defaults(func=_cmd_report)
     return p
 
 

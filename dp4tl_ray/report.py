@@ -1,0 +1,441 @@
+"""``dp4tl report``: a sweep's ``results.jsonl`` -> accuracy and time tables (CSV, Markdown) and plots.
+
+Everything but the file reading and writing is pure: trials (dicts) in, flat summary rows out, and
+tables and figures drawn from those rows. A table covers one (mode, arch, surrogate, task) group;
+rows are methods (dense first), columns pruning ratios, cells mean ± std over seeds in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from dp4tl_ray import atomic
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.select.pipeline import METHODS
+
+RESULTS_FILE = "results.jsonl"
+DENSE = "dense"
+METHOD_ORDER = (DENSE,) + METHODS
+GROUP_KEYS = ("mode", "arch", "surrogate", "task")
+TRIAL_KEYS = (
+    "trial_id", "status", "error", "method", "ratio", *GROUP_KEYS, "seed",
+    "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max",
+    "kept_units", "total_units", "kept_images", "total_images",
+    "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker", "use_gpu",
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # column value in accuracy.csv and plot file stem
+    key: str  # trial field
+    title: str
+
+
+METRICS = (
+    Metric("lp", "lp_acc", "Linear probe (LP): test top-1 % at the epoch chosen on validation"),
+    Metric("ff", "ff_acc", "Full finetune (FF): test top-1 % at the epoch chosen on validation"),
+    Metric("lp_test_max", "lp_acc_test_max", "LP, max test top-1 % over epochs (selected on test, the paper's figure)"),
+    Metric("ff_test_max", "ff_acc_test_max", "FF, max test top-1 % over epochs (selected on test, the paper's figure)"),
+)
+PLOTTED = ("lp", "ff")  # honest (validation-chosen) metrics get a figure each
+
+
+# ---------------------------------------------------------------- reading
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _read_text(sweep_dir: str) -> str:
+    """The results file's text, from a local folder or any URI pyarrow.fs knows (s3://, gs://, file://)."""
+    if _is_uri(sweep_dir):
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(sweep_dir)
+            with fs.open_input_stream(f"{root.rstrip('/')}/{RESULTS_FILE}") as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            raise UserError(f"no {RESULTS_FILE} under {sweep_dir}: run the sweep first (dp4tl sweep)") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {sweep_dir}/{RESULTS_FILE}: {str(e).splitlines()[0]}") from None
+    path = Path(sweep_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise UserError(f"no {RESULTS_FILE} in {sweep_dir}: run the sweep first (dp4tl sweep)")
+    return path.read_text()
+
+
+def normalize_trial(obj: dict[str, Any]) -> dict[str, Any]:
+    """A trial with every contract key (missing optional keys -> None); bad ones become error trials."""
+    t = {k: obj.get(k) for k in TRIAL_KEYS}
+    if t["method"] == DENSE and t["ratio"] is None:
+        t["ratio"] = 0.0
+    if t["status"] == "ok":
+        missing = [k for k in ("method", "ratio") if t[k] is None]
+        if missing:
+            t.update(status="error", error=f"result lacks {', '.join(missing)}")
+    elif t["status"] != "error":
+        t.update(status="error", error=t["error"] or f"unknown status {t['status']!r}")
+    if t["ratio"] is not None:
+        try:
+            t["ratio"] = round(float(t["ratio"]), 6)
+        except (TypeError, ValueError):
+            t.update(status="error", error=f"ratio {t['ratio']!r} is not a number", ratio=None)
+    if t["error"] is not None:
+        t["error"] = (str(t["error"]).strip().splitlines() or [""])[0]  # one line each in the report
+    return t
+
+
+def parse_results(text: str) -> list[dict[str, Any]]:
+    """Trials from JSON lines. A trial id seen twice (a resumed sweep) keeps its last line;
+    an unreadable line (e.g. cut short by a kill) becomes an error trial so it is counted, not lost."""
+    by_id: dict[Any, dict[str, Any]] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            obj = {"trial_id": f"line {i}", "status": "error", "error": "unreadable line (not a JSON object)"}
+        t = normalize_trial(obj)
+        by_id[t["trial_id"] if t["trial_id"] is not None else f"line {i}"] = t
+    return list(by_id.values())
+
+
+def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every trial of a sweep (``status`` "ok" or "error"); tables use the ok ones and count the rest."""
+    sweep_dir = str(sweep_dir)
+    trials = parse_results(_read_text(sweep_dir))
+    if not trials:
+        raise UserError(f"{sweep_dir}/{RESULTS_FILE} holds no trials yet: run the sweep first (dp4tl sweep)")
+    return trials
+
+
+def ok_trials(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in trials if t["status"] == "ok"]
+
+
+def error_trials(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in trials if t["status"] != "ok"]
+
+
+# ---------------------------------------------------------------- grouping and statistics
+
+def _group_of(row: dict[str, Any]) -> tuple:
+    return tuple(row[k] for k in GROUP_KEYS)
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def _group_sort_key(group: tuple) -> tuple:
+    return tuple("" if v is None else str(v) for v in group)
+
+
+def group_trials(trials: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Ok trials by (mode, arch, surrogate, task). Dense trials join every group they match; a None
+    key in a dense trial (dense needs no surrogate) matches any value."""
+    trials = ok_trials(trials)
+    dense = [t for t in trials if t["method"] == DENSE]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for t in trials:
+        if t["method"] != DENSE:
+            groups.setdefault(_group_of(t), []).append(t)
+    for d in dense:
+        homes = [g for g in groups if all(d[k] is None or d[k] == v for k, v in zip(GROUP_KEYS, g))]
+        for g in homes or [_group_of(d)]:
+            groups.setdefault(g, []).append(d)
+    return {g: groups[g] for g in sorted(groups, key=_group_sort_key)}
+
+
+def _cells(trials: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Trials by (method, ratio), methods in table order then ratio ascending."""
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for t in trials:
+        cells.setdefault((t["method"], t["ratio"]), []).append(t)
+    return {k: cells[k] for k in sorted(cells, key=lambda mr: (_method_rank(mr[0]), mr[1]))}
+
+
+def _values(trials: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(t[key]) for t in trials if t[key] is not None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n-1); std is None below two values."""
+    return _mean(values), (statistics.stdev(values) if len(values) >= 2 else None)
+
+
+def _group_fields(group: tuple) -> dict[str, Any]:
+    return dict(zip(GROUP_KEYS, group))
+
+
+# ---------------------------------------------------------------- accuracy
+
+def accuracy_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per group x method x ratio x metric: mean and std over seeds in percent, and n."""
+    rows = []
+    for group, members in group_trials(trials).items():
+        for (method, ratio), ts in _cells(members).items():
+            for m in METRICS:
+                vals = [100.0 * v for v in _values(ts, m.key)]
+                if vals:
+                    mean, std = mean_std(vals)
+                    rows.append({**_group_fields(group), "method": method, "ratio": ratio, "metric": m.name,
+                                 "mean_pct": mean, "std_pct": std, "n": len(vals)})
+    return rows
+
+
+def format_cell(mean: float, std: float | None) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _pct(ratio: float) -> str:
+    return f"{100 * ratio:g}%"
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def accuracy_table(rows: list[dict[str, Any]], group: tuple, metric: str) -> str | None:
+    """The paper-shaped Markdown table of one group and metric (None when it has no values).
+
+    Dense is its own first row and shows its figure under every ratio, the reference for each column.
+    """
+    mine = [r for r in rows if _group_of(r) == group and r["metric"] == metric]
+    if not mine:
+        return None
+    ratios = sorted({r["ratio"] for r in mine if r["method"] != DENSE}) or [0.0]
+    methods = sorted({r["method"] for r in mine}, key=_method_rank)
+    at = {(r["method"], r["ratio"]): r for r in mine}
+    body = []
+    for method in methods:
+        if method == DENSE:
+            d = next(r for r in mine if r["method"] == DENSE)
+            cells = [format_cell(d["mean_pct"], d["std_pct"])] * len(ratios)
+        else:
+            cells = [format_cell(at[method, q]["mean_pct"], at[method, q]["std_pct"]) if (method, q) in at else "—"
+                     for q in ratios]
+        n = sorted({r["n"] for r in mine if r["method"] == method})
+        body.append([method, *cells, "/".join(map(str, n))])
+    return _markdown(["method \\ pruning ratio", *map(_pct, ratios), "seeds"], body)
+
+
+# ---------------------------------------------------------------- time
+
+def _device_hours(t: dict[str, Any]) -> tuple[str, float] | None:
+    """(unit, hours) of one trial's pretraining: GPU-hours when it used GPUs, else CPU worker-hours."""
+    if t["pretrain_total_s"] is None or t["workers"] is None:
+        return None
+    if t["use_gpu"]:
+        return "GPU-hours", t["workers"] * (t["gpus_per_worker"] or 0) * t["pretrain_total_s"] / 3600
+    return "CPU worker-hours", t["workers"] * t["pretrain_total_s"] / 3600
+
+
+def time_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per group x method x ratio: mean pretraining and selection time, the fraction of dense
+    pretraining time saved with selection included, and device-hours saved vs dense."""
+    rows = []
+    for group, members in group_trials(trials).items():
+        for (method, ratio), ts in _cells(members).items():
+            frac = [t["kept_images"] / t["total_images"] for t in ts if t["kept_images"] is not None and t["total_images"]]
+            dev = [d for d in map(_device_hours, ts) if d is not None]
+            units = {u for u, _ in dev}
+            unit = units.pop() if len(units) == 1 else None  # mixed devices in one cell: no single figure
+            rows.append({
+                **_group_fields(group), "method": method, "ratio": ratio, "n": len(ts),
+                "images_kept_frac": _mean(frac),
+                "pretrain_s": _mean(_values(ts, "pretrain_s")),
+                "select_s": _mean(_values(ts, "select_s")) or 0.0,
+                "pretrain_total_s": _mean(_values(ts, "pretrain_total_s")),
+                "eval_s": _mean(_values(ts, "eval_s")),
+                "device_unit": unit,
+                "device_hours": _mean([h for _, h in dev]) if unit else None,
+            })
+    for r in rows:  # compare with the dense row of the same group
+        group = _group_of(r)
+        dense = next((d for d in rows if d["method"] == DENSE and _group_of(d) == group), None)
+        cost = None if r["pretrain_s"] is None else r["pretrain_s"] + r["select_s"]
+        r["saved_frac"] = (1 - cost / dense["pretrain_s"]
+                           if dense and dense["pretrain_s"] and cost is not None else None)
+        comparable = dense is not None and r["device_unit"] and dense["device_unit"] == r["device_unit"]
+        r["device_hours_saved"] = dense["device_hours"] - r["device_hours"] if comparable else None
+    return rows
+
+
+def _fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
+    return "—" if x is None else format(x * scale, spec)
+
+
+def time_table(rows: list[dict[str, Any]], group: tuple) -> str | None:
+    mine = [r for r in rows if _group_of(r) == group]
+    if not mine:
+        return None
+    body = [[r["method"], _pct(r["ratio"]), _fmt(r["images_kept_frac"], ".1f", 100), _fmt(r["pretrain_s"], ".3f", 1 / 3600),
+             _fmt(r["select_s"], ".1f"), _fmt(r["saved_frac"], ".1f", 100), str(r["n"])] for r in mine]
+    return _markdown(["method", "ratio", "images kept %", "pretrain h (mean)", "selection s",
+                      "time saved vs dense % (incl. selection)", "trials"], body)
+
+
+def cost_lines(rows: list[dict[str, Any]], group: tuple) -> list[str]:
+    """One line per keep-set: pretraining device-hours and what it saves against dense."""
+    lines = []
+    mine = [r for r in rows if _group_of(r) == group]
+    dense = next((r for r in mine if r["method"] == DENSE), None)
+    for r in mine:
+        if r["method"] == DENSE or r["device_hours"] is None:
+            continue
+        line = f"- {r['method']} at {_pct(r['ratio'])}: {r['device_hours']:.3f} {r['device_unit']} of pretraining"
+        if r["device_hours_saved"] is not None:
+            line += f", {r['device_hours_saved']:.3f} saved vs dense ({dense['device_hours']:.3f})"
+        else:
+            line += " (no dense run on the same kind of device to compare with)"
+        lines.append(line + f"; selection took {r['select_s']:.1f} s wall-clock on top")
+    return lines
+
+
+# ---------------------------------------------------------------- plots
+
+def _new_figure(n_panels: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(n_panels, 2)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(6.4 * cols, 4.4 * rows), layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg renderer draws off-screen: no display needed
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+
+
+def _group_title(group: tuple) -> str:
+    return " / ".join(f"{k} {v}" for k, v in zip(GROUP_KEYS, group) if v is not None)
+
+
+def _save_png(fig, path: Path) -> Path:
+    with atomic.file_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def _plot_by_method(path: Path, rows: list[dict[str, Any]], y: str, ylabel: str, std: str | None = None,
+                    from_zero: bool = False) -> Path:
+    """One panel per group: ``y`` against pruning ratio, a line per method, dense as a horizontal line."""
+    groups = list(dict.fromkeys(_group_of(r) for r in rows))
+    fig, axes = _new_figure(len(groups))
+    for ax, group in zip(axes, groups):
+        mine = [r for r in rows if _group_of(r) == group and r[y] is not None]
+        for method in sorted({r["method"] for r in mine}, key=_method_rank):
+            pts = [r for r in mine if r["method"] == method]
+            if method == DENSE:
+                ax.axhline(pts[0][y], color="black", linestyle="--", label="dense")
+                continue
+            xs = [100 * r["ratio"] for r in pts]
+            errs = [r[std] or 0.0 for r in pts] if std else None
+            ax.errorbar(xs, [r[y] for r in pts], yerr=errs, marker="o", capsize=3, label=method)
+        ax.set(title=_group_title(group), xlabel="pruning ratio (% of units removed)", ylabel=ylabel)
+        if from_zero:
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save_png(fig, path)
+
+
+def plot_accuracy(path: Path, rows: list[dict[str, Any]], metric: str) -> Path:
+    title = next(m.title for m in METRICS if m.name == metric)
+    return _plot_by_method(path, [r for r in rows if r["metric"] == metric], "mean_pct", title.split(":")[0] + " top-1 %",
+                           std="std_pct")
+
+
+def plot_time(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Pretraining + selection time against pruning ratio, in the unit that suits the sweep's scale."""
+    cost = [{**r, "cost_s": None if r["pretrain_s"] is None else r["pretrain_s"] + r["select_s"]} for r in rows]
+    longest = max((r["cost_s"] for r in cost if r["cost_s"] is not None), default=0.0)
+    unit, scale = next((u, k) for u, k, limit in (("seconds", 1, 120), ("minutes", 60, 7200), ("hours", 3600, math.inf))
+                       if longest < limit)
+    scaled = [{**r, "cost": None if r["cost_s"] is None else r["cost_s"] / scale} for r in cost]
+    return _plot_by_method(path, scaled, "cost", f"pretraining + selection {unit} (mean)", from_zero=True)
+
+
+# ---------------------------------------------------------------- files
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else list(GROUP_KEYS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
+                     for r in rows)
+    return buf.getvalue()
+
+
+def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], times: list[dict[str, Any]],
+                    source: str = "") -> str:
+    """The whole report as Markdown: a section of tables per group, then the failed trials."""
+    failed = error_trials(trials)
+    parts = [f"# DP4TL sweep report{f': {source}' if source else ''}",
+             f"{len(trials) - len(failed)} trial(s) ok, {len(failed)} failed (excluded from the tables). "
+             "Cells: mean ± sample std (n-1) over seeds; a bare number is a single seed. "
+             "Pruning ratio: fraction of units (classes or clusters) removed."]
+    for group in group_trials(trials):
+        parts.append(f"## {_group_title(group)}")
+        for m in METRICS:
+            table = accuracy_table(acc, group, m.name)
+            if table:
+                parts += [f"### {m.title}", table]
+        table = time_table(times, group)
+        if table:
+            costs = cost_lines(times, group)
+            parts += ["### Pretraining time", table] + (["\n".join(costs)] if costs else [])
+    if failed:
+        parts.append("## Failed trials")
+        parts.append("\n".join(f"- {t['trial_id']}: {t['error'] or 'no message'}" for t in failed))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, accuracy.csv, time.csv and the PNGs (under ``<sweep_dir>/report`` by default)."""
+    sweep_dir = str(sweep_dir)
+    if out_dir is None:
+        if _is_uri(sweep_dir):
+            raise UserError(f"{sweep_dir} is remote: give --out DIR, a local folder for the report")
+        out_dir = Path(sweep_dir) / "report"
+    elif _is_uri(str(out_dir)):
+        raise UserError(f"--out {out_dir}: the report is written to a local folder, not a URI")
+    out = Path(out_dir)
+    trials = load_results(sweep_dir)
+    if not ok_trials(trials):
+        raise UserError(f"all {len(trials)} trial(s) in {sweep_dir}/{RESULTS_FILE} failed: "
+                        f"first error: {trials[0]['error'] or 'no message'}")
+    acc, times = accuracy_rows(trials), time_rows(trials)
+    paths = {
+        "report.md": atomic.write_bytes(out / "report.md", report_markdown(trials, acc, times, sweep_dir).encode()),
+        "accuracy.csv": atomic.write_bytes(out / "accuracy.csv", _csv_text(acc).encode()),
+        "time.csv": atomic.write_bytes(out / "time.csv", _csv_text(times).encode()),
+    }
+    for metric in PLOTTED:
+        if any(r["metric"] == metric for r in acc):
+            paths[f"accuracy_{metric}.png"] = plot_accuracy(out / f"accuracy_{metric}.png", acc, metric)
+    paths["time.png"] = plot_time(out / "time.png", times)
+    return paths
+
+
+__all__ = [
+    "RESULTS_FILE", "load_results", "parse_results", "accuracy_rows", "time_rows", "accuracy_table", "time_table",
+    "cost_lines", "plot_accuracy", "plot_time", "report_markdown", "write_report",
+]

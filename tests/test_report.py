@@ -1,0 +1,154 @@
+"""`dp4tl report`: tables, time savings and plots from a sweep's results.jsonl (no Ray)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from dp4tl_ray.cli import run
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.report import (
+    accuracy_rows,
+    accuracy_table,
+    load_results,
+    parse_results,
+    report_markdown,
+    time_rows,
+    write_report,
+)
+
+GROUP = ("supervised", "resnet18", "resnet18", "task_0")
+
+
+def _trial(method, ratio, seed, lp, ff=None, pretrain_s=3600.0, select_s=0.0, **kw):
+    t = {"trial_id": f"{method}_{ratio}_{seed}", "status": "ok", "error": None, "method": method, "ratio": ratio,
+         "surrogate": "resnet18", "mode": "supervised", "arch": "resnet18", "task": "task_0", "seed": seed,
+         "lp_acc": lp, "ff_acc": ff, "lp_acc_test_max": None if lp is None else lp + 0.01, "ff_acc_test_max": None,
+         "kept_units": 10, "total_units": 10, "kept_images": 1000, "total_images": 1000,
+         "select_s": select_s, "pretrain_s": pretrain_s, "pretrain_total_s": pretrain_s + 360.0,
+         "eval_s": 30.0, "workers": 2, "gpus_per_worker": 1, "use_gpu": True}
+    t.update(kw)
+    return t
+
+
+def _sweep(tmp_path, with_ff=True):
+    """Dense and LM at two ratios, two seeds each, plus one failed trial and one line cut short."""
+    ff = (lambda v: v) if with_ff else (lambda v: None)
+    trials = [
+        _trial("dense", 0.0, 0, 0.70, ff(0.80), pretrain_s=3600.0, select_s=None, surrogate=None),
+        _trial("dense", 0.0, 1, 0.72, ff(0.82), pretrain_s=3600.0, select_s=None, surrogate=None),
+        _trial("lm", 0.5, 0, 0.71, ff(0.79), pretrain_s=1800.0, select_s=36.0, kept_images=480, kept_units=5),
+        _trial("lm", 0.5, 1, 0.74, ff(0.81), pretrain_s=1800.0, select_s=36.0, kept_images=520, kept_units=5),
+        _trial("lm", 0.8, 0, 0.66, ff(0.75), pretrain_s=720.0, select_s=36.0, kept_images=200, kept_units=2),
+        _trial("lm", 0.8, 1, 0.68, ff(0.77), pretrain_s=720.0, select_s=36.0, kept_images=200, kept_units=2),
+        _trial("fm", 0.5, 0, 0.69, ff(0.78), pretrain_s=1800.0, select_s=72.0),
+        {"trial_id": "fm_0.8_0", "status": "error", "error": "RayTaskError: CUDA out of memory", "method": "fm"},
+    ]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(t) for t in trials] + ['{"trial_id": "lm_0.9_0", "status": "o']  # killed mid-write
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def _row(rows, method, ratio, **match):
+    return next(r for r in rows if r["method"] == method and r["ratio"] == ratio
+                and all(r[k] == v for k, v in match.items()))
+
+
+def test_cells_are_mean_and_sample_std_over_seeds_in_percent(tmp_path):
+    acc = accuracy_rows(load_results(_sweep(tmp_path)))
+    lm = _row(acc, "lm", 0.5, metric="lp")
+    assert lm["mean_pct"] == pytest.approx(72.5) and lm["std_pct"] == pytest.approx(2.1213, abs=1e-4)
+    assert lm["n"] == 2
+    assert _row(acc, "fm", 0.5, metric="lp")["std_pct"] is None  # one seed: no spread to report
+    table = accuracy_table(acc, GROUP, "lp")
+    lines = table.splitlines()
+    assert lines[0] == "| method \\ pruning ratio | 50% | 80% | seeds |"
+    assert lines[2] == "| dense | 71.00 ± 1.41 | 71.00 ± 1.41 | 2 |"  # dense first, dense trials had no surrogate
+    assert lines[3] == "| lm | 72.50 ± 2.12 | 67.00 ± 1.41 | 2 |"
+    assert lines[4] == "| fm | 69.00 | — | 1 |"
+    assert "80.00 ± 1.41" in accuracy_table(acc, GROUP, "ff")
+
+
+def test_time_saved_counts_selection_against_dense_pretraining(tmp_path):
+    times = time_rows(load_results(_sweep(tmp_path)))
+    assert [r["method"] for r in times] == ["dense", "lm", "lm", "fm"]
+    assert _row(times, "dense", 0.0)["saved_frac"] == pytest.approx(0.0)
+    assert _row(times, "lm", 0.5)["saved_frac"] == pytest.approx(1 - (1800 + 36) / 3600)
+    assert _row(times, "lm", 0.8)["saved_frac"] == pytest.approx(1 - (720 + 36) / 3600)
+    assert _row(times, "lm", 0.5)["images_kept_frac"] == pytest.approx(0.5)
+    # 2 workers x 1 GPU: dense 2 x 3960 s = 2.2 GPU-h, LM 50% 2 x 2160 s = 1.2 GPU-h
+    lm = _row(times, "lm", 0.5)
+    assert lm["device_unit"] == "GPU-hours" and lm["device_hours_saved"] == pytest.approx(1.0)
+
+
+def test_cpu_runs_are_costed_in_worker_hours():
+    trials = parse_results("\n".join(json.dumps(_trial(m, q, 0, 0.5, use_gpu=False, gpus_per_worker=0, workers=4,
+                                                       pretrain_s=s, select_s=0.0))
+                                     for m, q, s in [("dense", 0.0, 3600.0), ("lm", 0.5, 1800.0)]))
+    lm = _row(time_rows(trials), "lm", 0.5)
+    assert lm["device_unit"] == "CPU worker-hours" and lm["device_hours_saved"] == pytest.approx(4 * 1800 / 3600)
+
+
+def test_failed_and_unreadable_trials_are_excluded_and_counted(tmp_path):
+    trials = load_results(_sweep(tmp_path))
+    assert sorted(t["trial_id"] for t in trials if t["status"] == "error") == ["fm_0.8_0", "line 9"]
+    acc = accuracy_rows(trials)
+    assert not any(r["method"] == "fm" and r["ratio"] == 0.8 for r in acc)
+    md = report_markdown(trials, acc, time_rows(trials))
+    assert "7 trial(s) ok, 2 failed" in md and "fm_0.8_0: RayTaskError: CUDA out of memory" in md
+
+
+def test_missing_or_empty_results_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="run the sweep first"):
+        load_results(tmp_path)
+    (tmp_path / "results.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="run the sweep first"):
+        load_results(tmp_path)
+    with pytest.raises(UserError, match="run the sweep first"):
+        load_results(f"file://{tmp_path}/nothing-here")
+
+
+def test_results_read_through_a_uri(tmp_path):
+    sweep = _sweep(tmp_path)
+    assert load_results(f"file://{sweep}") == load_results(sweep)
+
+
+def _assert_real_png(path):
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    with Image.open(path) as im:
+        lo, hi = im.convert("L").getextrema()
+    assert lo < hi  # something was drawn
+
+
+def test_write_report_files_and_plots(tmp_path):
+    paths = write_report(_sweep(tmp_path / "sweep"), tmp_path / "out")
+    assert sorted(paths) == ["accuracy.csv", "accuracy_ff.png", "accuracy_lp.png", "report.md", "time.csv", "time.png"]
+    assert all(p.parent == tmp_path / "out" for p in paths.values())
+    for name in ("accuracy_lp.png", "accuracy_ff.png", "time.png"):
+        _assert_real_png(paths[name])
+    rows = list(csv.DictReader(io.StringIO(paths["accuracy.csv"].read_text())))
+    assert {r["metric"] for r in rows} == {"lp", "ff", "lp_test_max"}
+    assert len([r for r in rows if r["metric"] == "lp"]) == 4  # dense, lm x 2 ratios, fm
+    assert not list((tmp_path / "out").glob(".*tmp-*"))
+    # no FF in the sweep: no FF table, no FF plot; default output under <sweep>/report
+    paths = write_report(_sweep(tmp_path / "lp_only", with_ff=False))
+    assert "accuracy_ff.png" not in paths and paths["report.md"].parent == tmp_path / "lp_only" / "report"
+    assert "Full finetune" not in paths["report.md"].read_text()
+
+
+def test_report_command_prints_tables_and_paths(tmp_path, capsys):
+    sweep = _sweep(tmp_path / "sweep")
+    assert run(["report", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "| lm | 72.50 ± 2.12 | 67.00 ± 1.41 | 2 |" in out and "time saved vs dense" in out
+    assert str(sweep / "report" / "accuracy_lp.png") in out
+    assert run(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dp4tl: error:") and "run the sweep first" in err and "\n" not in err
