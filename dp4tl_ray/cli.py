@@ -12,6 +12,7 @@ import logging
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from dp4tl_ray.config import from_dict, load_yaml
@@ -135,6 +136,46 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    """The sweep's flags (shared by ``dp4tl sweep`` and ``jobs/sweep.py``): a YAML plus a few overrides."""
+    parser.add_argument("--config", required=True, help="sweep YAML (see jobs/configs/demo.yaml, imagenet.yaml)")
+    parser.add_argument("--name", default=None, help="override sweep.name (the same name resumes)")
+    parser.add_argument("--storage-path", default=None, help="override sweep.storage_path (local dir or s3://...)")
+    parser.add_argument("--work-dir", default=None, help="override sweep.work_dir (shared artifacts)")
+
+
+def init_ray_for_sweep() -> None:
+    """Attach to the cluster a job runs on (RAY_ADDRESS, set by `ray job submit`), else start an embedded
+    local Ray whose node holds the trial-driver resource the sweep's Tune trials ask for."""
+    import os
+
+    import ray
+
+    from dp4tl_ray.sweep import TRIAL_RESOURCE
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        cpus = os.cpu_count() or 2
+        ray.init(num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False, log_to_driver=False)
+
+
+def run_sweep_command(args: argparse.Namespace) -> None:
+    from dp4tl_ray.sweep import load_plan, run_sweep
+
+    plan = load_plan(args.config, {"name": args.name, "storage_path": args.storage_path, "work_dir": args.work_dir})
+    init_ray_for_sweep()
+    s = run_sweep(plan)
+    print(f"[sweep] {s['ok']}/{s['trials']} trials ok in {s['seconds']:.0f}s; results: {s['results']}")
+    report = s.get("report")
+    if report:
+        print(Path(report["report.md"]).read_text())
+        for path in report.values():
+            print(f"[sweep] wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dp4tl_ray.data.synthetic import SynthConfig
     from dp4tl_ray.features import ExtractConfig
@@ -176,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(stage, cls)
         stage.set_defaults(func=func)
 
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep: method x ratio x surrogate x mode x task -> results + report")
+    add_sweep_flags(sweep)
+    sweep.set_defaults(func=run_sweep_command)
+
     report = sub.add_parser("report", help="accuracy and time tables (Markdown, CSV) and plots from a sweep's results")
     report.add_argument("sweep_dir", help="the sweep's directory (holds results.jsonl); local path or URI")
     report.add_argument("--out", default=None, help="where to write the report (default: SWEEP_DIR/report)")
@@ -201,3 +246,7 @@ def main() -> None:
 
 
 __all__ = ["main", "run", "build_parser", "format_extract_summary"]
+
+
+if __name__ == "__main__":
+    main()

@@ -144,15 +144,15 @@ def _group_sort_key(group: tuple) -> tuple:
 
 
 def group_trials(trials: Iterable[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Ok trials by (mode, arch, surrogate, task). Dense trials join every group they match; a None
-    key in a dense trial (dense needs no surrogate) matches any value."""
+    """Ok trials by (mode, arch, surrogate, task). Trials without a surrogate (dense, random-class,
+    random-image: they never look at one) join every group they match; their None matches any value."""
     trials = ok_trials(trials)
-    dense = [t for t in trials if t["method"] == DENSE]
+    shared = [t for t in trials if t["method"] == DENSE or t.get("surrogate") is None]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for t in trials:
-        if t["method"] != DENSE:
+        if not (t["method"] == DENSE or t.get("surrogate") is None):
             groups.setdefault(_group_of(t), []).append(t)
-    for d in dense:
+    for d in shared:
         homes = [g for g in groups if all(d[k] is None or d[k] == v for k, v in zip(GROUP_KEYS, g))]
         for g in homes or [_group_of(d)]:
             groups.setdefault(g, []).append(d)

@@ -83,6 +83,15 @@ def _source_ids_labels(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
     return t.column("id").to_numpy(), t.column("label").to_numpy()
 
 
+def kmeans_config(cfg: SelectConfig, source: FeatureStore):
+    """The k-means run FM selection uses (k defaults to the number of source classes); its result is
+    cached next to the source features, so every ratio of the same (surrogate, k, seed) shares it."""
+    from dp4tl_ray.kmeans import KMeansConfig
+
+    return KMeansConfig(k=cfg.k or len(source.manifest["classes"]), niter=cfg.kmeans_niter, seed=cfg.seed,
+                        spherical=cfg.spherical, num_actors=cfg.kmeans_actors)
+
+
 def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str], dict[str, Any]]:
     """Per source row: ``ids, unit``; the unit centres (FM) and names; extra provenance."""
     classes = source.manifest["classes"]
@@ -91,10 +100,9 @@ def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndar
         return ids, labels, None, list(classes), {}
     if cfg.method == "fm-classmean":
         return ids, labels, class_means_of_store(source, len(classes)), list(classes), {}
-    from dp4tl_ray.kmeans import KMeansConfig, kmeans_distributed, load_assignments
+    from dp4tl_ray.kmeans import kmeans_distributed, load_assignments
 
-    kcfg = KMeansConfig(k=cfg.k or len(classes), niter=cfg.kmeans_niter, seed=cfg.seed, spherical=cfg.spherical,
-                        num_actors=cfg.kmeans_actors)
+    kcfg = kmeans_config(cfg, source)
     result = kmeans_distributed(source.path, kcfg)
     assign = load_assignments(result.out_dir)
     a_ids, clusters = assign.column("id").to_numpy(), assign.column("cluster").to_numpy()

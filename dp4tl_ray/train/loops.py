@@ -116,10 +116,20 @@ def check_resume_keys(state: dict[str, Any], cfg: dict[str, Any], run: str) -> N
                         "resume it with the same settings or pick another --name")
 
 
+def latest_checkpoint(run_dir: str) -> Path | None:
+    """The newest complete checkpoint directory of a local run (Ray Train's, or local mode's), if any."""
+    dirs = [p for pattern in ("checkpoint_*", "local/checkpoint_*") for p in Path(run_dir).glob(pattern)
+            if (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file()]
+    if not dirs:
+        return None
+    states = {p: torch.load(p / STATE_FILE, map_location="cpu", weights_only=True)["epoch"] for p in dirs}
+    return max(dirs, key=lambda p: (states[p], p.name))
+
+
 def latest_state(run_dir: str) -> dict[str, Any] | None:
     """The training state of the newest checkpoint under a local run directory, if any."""
-    dirs = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
-    return torch.load(dirs[-1] / STATE_FILE, map_location="cpu", weights_only=True) if dirs else None
+    path = latest_checkpoint(run_dir)
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True) if path else None
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -215,4 +225,4 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return history
 
 
-__all__ = ["METHODS", "MODEL_FILE", "STATE_FILE", "Method", "train_loop_per_worker"]
+__all__ = ["METHODS", "MODEL_FILE", "STATE_FILE", "Method", "latest_checkpoint", "latest_state", "train_loop_per_worker"]

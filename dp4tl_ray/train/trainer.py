@@ -170,13 +170,16 @@ def _check_cluster_fits(cfg: PretrainConfig) -> None:
                         "CPUs for data loading; leave at least 1 (lower num_workers or cpus_per_worker)")
 
 
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Fit (or resume) the run ``cfg.out/cfg.name`` and return its latest checkpoint and metrics."""
+def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResult:
+    """Fit (or resume) the run ``cfg.out/cfg.name`` and return its latest checkpoint and metrics.
+
+    A run whose checkpoint already holds all ``cfg.epochs`` is returned as is, without starting
+    Ray Train. ``callbacks`` reach Ray Train's ``RunConfig`` (e.g. Tune's report callback in a sweep)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dp4tl_ray.train.loops import check_resume_keys, latest_state, train_loop_per_worker
+    from dp4tl_ray.train.loops import STATE_FILE, check_resume_keys, latest_checkpoint, train_loop_per_worker
 
     cfg.validate()
     if not ray.is_initialized():
@@ -191,10 +194,18 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     if cfg.num_workers == 0 and "://" in storage:
         raise UserError("local mode (num_workers=0) keeps checkpoints on this machine; give a local --out")
     loop_cfg["local_checkpoints"] = str(Path(storage) / cfg.name / "local")
+    run_dir = str(Path(storage) / cfg.name) if "://" not in storage else f"{storage}/{cfg.name}"
     if "://" not in storage:  # refuse early (not inside a worker, not retried) a resume under other settings
-        state = latest_state(str(Path(storage) / cfg.name))
-        if state is not None:
+        path = latest_checkpoint(run_dir)
+        if path is not None:
+            import torch
+
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
             check_resume_keys(state, loop_cfg, cfg.name)
+            if state["epoch"] >= cfg.epochs:
+                log.info("run %s already finished (%d epochs): reusing %s", cfg.name, state["epoch"], path)
+                return PretrainResult(run_dir=run_dir, checkpoint=str(path), metrics=dict(state["history"][-1]),
+                                      history=list(state["history"]), kept_classes=kept_classes, images=images, seconds=0.0)
             log.info("resuming run %s from epoch %d", cfg.name, state["epoch"])
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -203,14 +214,14 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             callbacks=callbacks),
         datasets={"train": ds},
     )
     t0 = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - t0
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return PretrainResult(run_dir=str(Path(storage) / cfg.name) if "://" not in storage else f"{storage}/{cfg.name}",
-                          checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
+    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
                           kept_classes=kept_classes,
                           images=images, seconds=seconds)

@@ -1,0 +1,163 @@
+"""The sweep: config checks and resource maths without Ray; a real `ray job submit` of the tiny sweep
+to a real local head (`ray start --head`, token auth on), stopped midway and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dp4tl_ray.errors import UserError
+from dp4tl_ray.sweep import TRIAL_RESOURCE, concurrent_trials, load_plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "sweep_tiny.yaml"
+
+
+def _write(tmp_path: Path, edit) -> Path:
+    doc = yaml.safe_load(TINY.read_text())
+    edit(doc)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(extra={}), "unknown section"),
+    (lambda d: d["sweep"].update(ratios=[1.0]), "is not in (0, 1)"),
+    (lambda d: d["sweep"].update(methods=["lm", "magic"]), "unknown method 'magic'"),
+    (lambda d: d["sweep"].update(modes=["simclr"]), "unknown mode 'simclr'"),
+    (lambda d: d["pretrain"].update(num_workers=0), "local mode cannot run inside a Tune trial"),
+    (lambda d: d["pretrain"].update(keepset="x"), "pretrain.keepset is set by the sweep"),
+    (lambda d: d["pretrain"].update(epoch=3), "unknown key(s) ['epoch']"),
+    (lambda d: d.update(data={"source": "a", "tasks": ["b"]}), "exactly one of the sections synth"),
+    (lambda d: d["sweep"].update(match_budget="el2n"), "match_budget must be one of"),
+])
+def test_bad_sweep_config_is_a_one_line_error(tmp_path, edit, message):
+    with pytest.raises(UserError) as e:
+        load_plan(_write(tmp_path, edit))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overrides_replace_the_sweep_section(tmp_path):
+    plan = load_plan(TINY, {"name": "other", "storage_path": str(tmp_path), "work_dir": None})
+    assert plan.sweep.name == "other" and plan.sweep.path == str(tmp_path.resolve() / "other")
+    assert plan.sweep.work == tmp_path.resolve() / "other" / "work"
+    uri = load_plan(TINY, {"storage_path": "s3://bucket/sweeps"}).sweep
+    assert uri.path == "s3://bucket/sweeps/tiny"
+    with pytest.raises(UserError, match="work_dir"):
+        _ = uri.work
+
+
+def test_concurrent_trials_fit_the_cluster():
+    cpu = {"num_workers": 1, "cpus_per_worker": 1}
+    assert concurrent_trials({"CPU": 2}, cpu, 10) == 1  # one worker CPU + one CPU for its data
+    assert concurrent_trials({"CPU": 16, TRIAL_RESOURCE: 3}, cpu, 10) == 3  # capped by driver slots
+    assert concurrent_trials({"CPU": 16}, {"num_workers": 2, "cpus_per_worker": 3}, 10) == 2
+    gpu = {"num_workers": 4, "use_gpu": True}
+    assert concurrent_trials({"CPU": 64, "GPU": 8, TRIAL_RESOURCE: 8}, gpu, 10) == 2
+    # An autoscaling cluster with no GPU node up yet: as many as the head's driver slots, never more than trials.
+    assert concurrent_trials({"CPU": 12, TRIAL_RESOURCE: 8}, gpu, 5) == 5
+    assert concurrent_trials({"CPU": 1}, cpu, 4) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray_bin, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    """A real head node (`ray start --head --block`) with token auth and the trial-driver resource;
+    yields (dashboard address, client env). Terminating the blocking `ray start` stops its processes."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{bin_dir}:{env.get('PATH', '')}", RAY_AUTH_MODE="token")
+    dash = _free_port()
+    head = subprocess.Popen(
+        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
+         "--include-dashboard=true", "--num-cpus=2", f"--resources={json.dumps({TRIAL_RESOURCE: 2})}",
+         "--disable-usage-stats"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = {**env, "RAY_AUTH_TOKEN": _ray("get-auth-token", env=env).stdout.strip()}
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while _ray("job", "list", "--address", address, env=client, check=False).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the head's job server did not come up in 120 s"
+            time.sleep(2)
+        yield address, client
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _finished_in_tune_state(sweep_dir: Path) -> set[str]:
+    """Trial ids that Tune's saved experiment state lists as finished (what a restore will skip)."""
+    done = set()
+    for path in sweep_dir.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # being replaced right now
+        done |= {t["trial_id"] for t in (json.loads(entry[0]) for entry in trials) if t.get("status") == "TERMINATED"}
+    return done
+
+
+@pytest.mark.ray
+def test_sweep_job_on_a_local_head_resumes_after_stop(local_head, tmp_path):
+    """`ray job submit` runs the sweep on the head; `ray job stop` once a trial has finished; the same
+    submission again finishes the sweep without rerunning the finished trial."""
+    address, env = local_head
+    storage = tmp_path / "sweeps"
+    submit = ["job", "submit", "--address", address, "--working-dir", ".",
+              "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "out", "__pycache__"]})]
+    entry = ["--", "python", "jobs/sweep.py", "--config", str(TINY.relative_to(REPO)), "--storage-path", str(storage)]
+    _ray(*submit, "--submission-id", "sweep-1", "--no-wait", *entry, env=env)
+    trials = storage / "tiny" / "work" / "trials"
+    deadline = time.time() + 400
+    while not _finished_in_tune_state(storage / "tiny"):
+        status = _ray("job", "status", "--address", address, "sweep-1", env=env, check=False).stdout
+        assert "FAILED" not in status, _ray("job", "logs", "--address", address, "sweep-1", env=env, check=False).stdout[-3000:]
+        assert time.time() < deadline, "no trial finished in 400 s"
+        time.sleep(2)
+    first = {json.loads((trials / f"{t}.json").read_text())["key"] for t in _finished_in_tune_state(storage / "tiny")}
+    _ray("job", "stop", "--address", address, "sweep-1", env=env)
+    starts_before = (storage / "tiny" / "work" / "trial_starts.log").read_text().splitlines()
+
+    second = _ray(*submit, "--submission-id", "sweep-2", *entry, env=env, timeout=500, check=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+    assert "succeeded" in second.stdout.lower()
+    assert "resuming" in second.stdout
+
+    records = [json.loads(line) for line in (storage / "tiny" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in records) == ["dense", "lm"]
+    assert all(r["status"] == "ok" and 0 <= r["lp_acc"] <= 1 for r in records), records
+    lm = next(r for r in records if r["method"] == "lm")
+    assert lm["kept_units"] == 3 and lm["total_units"] == 6 and lm["kept_images"] == 24
+    starts = [json.loads(line)["key"] for line in (storage / "tiny" / "work" / "trial_starts.log").read_text().splitlines()]
+    assert first and set(starts) == {r["key"] for r in records}
+    for key in first:  # finished before the stop: never started again
+        assert starts.count(key) == 1, starts
+    assert len(starts) > len(starts_before)  # the rest ran in the second job
+    assert (storage / "tiny" / "report" / "report.md").is_file()
+    assert (storage / "tiny" / "report" / "accuracy_lp.png").stat().st_size > 1000
