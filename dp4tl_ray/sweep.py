@@ -442,6 +442,18 @@ def concurrent_trials(cluster: dict[str, float], pretrain: dict[str, Any], n_tri
     return max(1, min(n, slots, n_trials))
 
 
+def build_scheduler(plan: SweepPlan):
+    """ASHA over the pretraining epochs (Train forwards each epoch's metrics to Tune), or None (FIFO)."""
+    sw = plan.sweep
+    if not sw.asha.enabled:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=sw.asha.metric, mode=sw.asha.mode,
+                         max_t=max(int(plan.pretrain_for(m).get("epochs", 90)) for m in sw.modes),
+                         grace_period=sw.asha.grace_period, reduction_factor=sw.asha.reduction_factor)
+
+
 def _plan_digest(plan: SweepPlan, shared: Shared) -> str:
     doc = {"plan": {k: v for k, v in asdict(plan).items() if k != "sweep"},
            "trials": [{k: v for k, v in t.items() if k != "select_s"} for t in shared.trials]}
@@ -527,17 +539,10 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
         print(f"[sweep] resuming {sw.path}: finished trials are kept, the rest run")
         tuner = tune.Tuner.restore(sw.path, trainable=trainable, resume_errored=True)
     else:
-        scheduler = None
-        if sw.asha.enabled:
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(time_attr="epoch", metric=sw.asha.metric, mode=sw.asha.mode,
-                                      max_t=max(int(plan.pretrain_for(m).get("epochs", 90)) for m in sw.modes), grace_period=sw.asha.grace_period,
-                                      reduction_factor=sw.asha.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(shared.trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=n, scheduler=scheduler,
+            tune_config=tune.TuneConfig(max_concurrent_trials=n, scheduler=build_scheduler(plan),
                                         trial_name_creator=lambda t: t.config["trial"]["key"],
                                         trial_dirname_creator=lambda t: f"{t.trial_id}-{t.config['trial']['key']}"),
             run_config=tune.RunConfig(name=sw.name, storage_path=sw.path.rsplit("/", 1)[0]),
@@ -557,5 +562,5 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["AshaConfig", "SweepConfig", "SweepPlan", "check_plan", "collect_results", "concurrent_trials", "load_plan",
+__all__ = ["AshaConfig", "SweepConfig", "SweepPlan", "build_scheduler", "check_plan", "collect_results", "concurrent_trials", "load_plan",
            "prepare", "run_sweep", "run_trial", "write_results"]

@@ -70,6 +70,30 @@ def test_concurrent_trials_fit_the_cluster():
     assert concurrent_trials({"CPU": 1}, cpu, 4) == 1
 
 
+def test_asha_stops_the_worst_pretraining_runs_early(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    from dp4tl_ray.sweep import build_scheduler
+
+    assert build_scheduler(load_plan(TINY)) is None  # FIFO unless asked
+    plan = load_plan(_write(tmp_path, lambda d: (d["sweep"].update(asha={"enabled": True, "grace_period": 1}),
+                                                 d["pretrain"].update(epochs=4))))
+    asha = build_scheduler(plan)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("epoch", "loss", "min", 4)
+
+    class Trial:  # what the scheduler reads of a trial
+        def __init__(self, i):
+            self.trial_id, self.config, self.status = f"t{i}", {}, "RUNNING"
+
+    trials = [Trial(i) for i in range(4)]
+    for t in trials:
+        asha.on_trial_add(None, t)
+    # Epoch-1 losses forwarded from Train: the worse half is stopped at the first rung, the better goes on.
+    decisions = [asha.on_trial_result(None, t, {"epoch": 1, "loss": loss, "training_iteration": 1})
+                 for t, loss in zip(trials, (0.5, 0.4, 3.0, 2.9))]
+    assert decisions[-2:] == [TrialScheduler.STOP, TrialScheduler.STOP] and decisions[1] == TrialScheduler.CONTINUE
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,6 +172,9 @@ def test_sweep_job_on_a_local_head_resumes_after_stop(local_head, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
     assert "succeeded" in second.stdout.lower()
     assert "resuming" in second.stdout
+    # Shared work is not redone: the surrogate run and both FeatureStores are reused.
+    assert "run surrogate-resnet18 already finished" in second.stdout
+    assert second.stdout.count("is up to date") == 2
 
     records = [json.loads(line) for line in (storage / "tiny" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in records) == ["dense", "lm"]
