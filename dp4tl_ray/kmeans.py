@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_matrix
 log = logging.getLogger(__name__)
 
 SPLIT_EPS = 1e-3  # relative size of the nudge that splits a large cluster to re-seed an empty one
+MOVED_RECOUNT = 0.25  # above this share of a shard's rows changing cluster, its sums are recounted from scratch
+INITS = ("kmeans++", "random")
 TORCH_CHUNK_BYTES = 256 << 20  # GPU memory for one chunk of the (rows x k) distance matrix
 
 
@@ -40,6 +42,7 @@ class KMeansConfig:
     num_actors: int = 2
     num_cpus_per_actor: float = 1
     num_gpus_per_actor: float = 0
+    init: str = "kmeans++"  # "kmeans++" on init_sample rows, or "random": k seeded rows (faiss.Kmeans' own init)
     init_sample: int = 100_000  # rows used for k-means++ init
 
     def validate(self, n_rows: int) -> None:
@@ -56,13 +59,21 @@ class KMeansConfig:
             raise UserError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:
             raise UserError("num_cpus_per_actor must be > 0 and num_gpus_per_actor >= 0")
-        if self.init_sample < self.k:
+        if self.init not in INITS:
+            raise UserError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "kmeans++" and self.init_sample < self.k:
             raise UserError(f"init_sample={self.init_sample} is below k={self.k}; raise init_sample to at least k")
 
     @property
     def name(self) -> str:
         """Directory name of this run's result under ``<store>/kmeans/``."""
-        return f"k{self.k}-seed{self.seed}" + ("-spherical" if self.spherical else "")
+        return f"k{self.k}-seed{self.seed}" + ("-spherical" if self.spherical else "") + (
+            "-random" if self.init == "random" else "")
+
+    @property
+    def init_rows(self) -> int:
+        """How many seeded rows the init reads: the k-means++ sample, or the k random starting points."""
+        return self.init_sample if self.init == "kmeans++" else self.k
 
 
 @dataclass
@@ -75,6 +86,7 @@ class KMeansResult:
     sizes: np.ndarray
     out_dir: Path | None
     seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 # --- assignment backends ---------------------------------------------------------------------------
@@ -208,6 +220,19 @@ def assign(x, centroids: np.ndarray, backend: AssignBackend | None = None) -> tu
     return backend.search(x, np.ascontiguousarray(centroids, dtype=np.float32))
 
 
+def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-centroid ``sums float64[k, d]`` of the rows of ``x``, added in stored order within each cluster."""
+    counts = np.bincount(labels, minlength=k)
+    # a stable sort of 16-bit keys is a radix sort: ~10x faster than sorting the int64 labels
+    order = np.argsort(labels.astype(np.uint16) if k <= 1 << 16 else labels, kind="stable")
+    rows = x.take(order, axis=0)
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    sums = np.zeros((k, x.shape[1]), np.float64)
+    for j in np.flatnonzero(counts):
+        sums[j] = rows[bounds[j] : bounds[j + 1]].sum(axis=0, dtype=np.float64)
+    return sums
+
+
 def partial_sums(x: np.ndarray, labels: np.ndarray, sq_dists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-centroid ``sums float64[k, d]``, ``counts int64[k]`` and the shard's objective.
 
@@ -215,12 +240,30 @@ def partial_sums(x: np.ndarray, labels: np.ndarray, sq_dists: np.ndarray, k: int
     same on every run; sums over shards add up to the sums over the whole.
     """
     counts = np.bincount(labels, minlength=k).astype(np.int64)
-    rows = x[np.argsort(labels, kind="stable")]
-    bounds = np.concatenate(([0], np.cumsum(counts)))
-    sums = np.zeros((k, x.shape[1]), np.float64)
-    for j in np.flatnonzero(counts):
-        sums[j] = rows[bounds[j] : bounds[j + 1]].sum(axis=0, dtype=np.float64)
-    return sums, counts, float(np.sum(sq_dists, dtype=np.float64))
+    return cluster_sums(x, labels, k), counts, float(np.sum(sq_dists, dtype=np.float64))
+
+
+def moved_sums(sums: np.ndarray, x: np.ndarray, old_labels: np.ndarray, new_labels: np.ndarray) -> np.ndarray:
+    """The sums for ``new_labels`` from the ``sums`` for ``old_labels``: only rows that changed cluster are
+    read, subtracted from their old cluster and added to their new one (float64, deterministic).
+
+    After the first few Lloyd iterations few rows move, so this costs a fraction of ``cluster_sums``.
+    """
+    moved = np.flatnonzero(old_labels != new_labels)
+    if len(moved) == 0:
+        return sums.copy()
+    rows = x.take(moved, axis=0)
+    k = len(sums)
+    return sums - cluster_sums(rows, old_labels[moved], k) + cluster_sums(rows, new_labels[moved], k)
+
+
+def running_sums(x: np.ndarray, labels: np.ndarray, k: int, prev: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Per-centroid sums for ``labels``: moved on from ``prev`` (the previous step's labels and sums)
+    while at most ``MOVED_RECOUNT`` of the rows changed cluster, else recounted by ``cluster_sums``.
+    """
+    if prev is not None and len(prev[1]) == k and np.count_nonzero(labels != prev[0]) <= MOVED_RECOUNT * len(labels):
+        return moved_sums(prev[1], x, prev[0], labels)
+    return cluster_sums(x, labels, k)
 
 
 def update_centroids(
@@ -305,8 +348,14 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 
 def init_centroids(sample: np.ndarray, cfg: KMeansConfig) -> np.ndarray:
-    """Seeded k-means++ on the init sample (rows ordered by key), unit-normed in spherical mode."""
-    cents = kmeans_plus_plus(sample, cfg.k, np.random.default_rng(cfg.seed))
+    """Starting centroids from the init sample (rows ordered by key, ``cfg.init_rows`` of them):
+    seeded k-means++ on it, or with ``init="random"`` the sample itself (the k rows with the smallest
+    keys: a seeded random pick, as faiss.Kmeans starts). Unit-normed in spherical mode.
+    """
+    if cfg.init == "random":
+        cents = np.array(sample[: cfg.k], np.float32)
+    else:
+        cents = kmeans_plus_plus(sample, cfg.k, np.random.default_rng(cfg.seed))
     if cfg.spherical:
         cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
     return cents
@@ -332,9 +381,25 @@ def _sample_from(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 
 
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order."""
-    table = pa.concat_tables([pq.read_table(p, columns=["id", "feature"]) for p in paths])
-    return table.column("id").to_numpy(), np.ascontiguousarray(feature_matrix(table.column("feature")))
+    """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order.
+
+    Row group by row group into arrays sized from the footers: the only new memory is the result
+    (Arrow's buffers for one row group are reused by the next), and ``ParquetFile`` skips the
+    ``pyarrow.dataset`` import that ``pq.read_table`` pays on its first call.
+    """
+    files = [pq.ParquetFile(p) for p in paths]
+    n = sum(f.metadata.num_rows for f in files)
+    d = files[0].schema_arrow.field("feature").type.list_size
+    ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
+    start = 0
+    for f in files:
+        for g in range(f.num_row_groups):
+            table = f.read_row_group(g, columns=["id", "feature"])
+            ids[start : start + table.num_rows] = table.column("id").to_numpy()
+            for chunk in table.column("feature").chunks:
+                x[start : start + len(chunk)] = feature_matrix(chunk)
+                start += len(chunk)
+    return ids, x
 
 
 class ShardWorker:
@@ -344,12 +409,17 @@ class ShardWorker:
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
+        t0 = time.perf_counter()
         self.ids, self.x = read_shard([Path(p) for p in paths])
+        self.read_seconds = time.perf_counter() - t0
         self.backend = probe_backend(use_gpu)
         self.xq = self.backend.put(self.x)
+        self.labels: np.ndarray | None = None  # the last step's assignment and its sums
+        self.sums: np.ndarray | None = None
 
-    def info(self) -> tuple[int, str]:
-        return len(self.ids), self.backend.name
+    def info(self) -> tuple[int, str, float]:
+        """Rows held, assignment backend, seconds spent reading the shard."""
+        return len(self.ids), self.backend.name, self.read_seconds
 
     def smallest_keys(self, seed: int, m: int) -> np.ndarray:
         return _smallest(sample_keys(self.ids, seed), m)
@@ -357,9 +427,15 @@ class ShardWorker:
     def sample_rows(self, seed: int, threshold: np.uint64) -> tuple[np.ndarray, np.ndarray]:
         return _rows_by_key(sample_keys(self.ids, seed), self.x, threshold)
 
-    def step(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def step(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """One Lloyd step on the shard: ``sums, counts, objective`` and the seconds it computed."""
+        t0 = time.perf_counter()
         labels, sq = assign(self.xq, centroids, self.backend)
-        return partial_sums(self.x, labels, sq, len(centroids))
+        k = len(centroids)
+        prev = None if self.labels is None else (self.labels, self.sums)
+        self.labels, self.sums = labels, running_sums(self.x, labels, k, prev)
+        counts = np.bincount(labels, minlength=k).astype(np.int64)
+        return self.sums, counts, float(np.sum(sq, dtype=np.float64)), time.perf_counter() - t0
 
     def final_assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, sq = assign(self.xq, centroids, self.backend)
@@ -396,32 +472,39 @@ def _check_resources(num_actors: int, cfg: KMeansConfig) -> None:
                             f"{have.get(res, 0):g} {res}; lower num_actors or {knob}")
 
 
-def _init_from_actors(actors: list, cfg: KMeansConfig, n: int) -> np.ndarray:
-    """k-means++ on the driver over the rows with the ``init_sample`` smallest keys, gathered from the actors."""
+def _init_from_actors(actors: list, cfg: KMeansConfig, n: int, smallest: list | None = None) -> np.ndarray:
+    """Starting centroids on the driver from the rows with the ``cfg.init_rows`` smallest keys, gathered
+    from the actors (``smallest``: their already requested ``smallest_keys`` refs)."""
     import ray
 
-    m = min(cfg.init_sample, n)
-    threshold = key_threshold(ray.get([a.smallest_keys.remote(cfg.seed, m) for a in actors]), m)
+    m = min(cfg.init_rows, n)
+    smallest = smallest or [a.smallest_keys.remote(cfg.seed, m) for a in actors]
+    threshold = key_threshold(ray.get(smallest), m)
     return init_centroids(_sample_from(ray.get([a.sample_rows.remote(cfg.seed, threshold) for a in actors])), cfg)
 
 
-def _lloyd_on_actors(actors: list, centroids: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, list[float]]:
-    """``cfg.niter`` Lloyd iterations: broadcast centroids, add the actors' sums in actor order, update."""
+def _lloyd_on_actors(actors: list, centroids: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, list[float], float]:
+    """``cfg.niter`` Lloyd iterations: broadcast centroids, add the actors' sums in actor order, update.
+
+    Also returns the seconds the slowest actor spent computing, summed over iterations (the rest of
+    the iterations' wall time is Ray's messaging and the driver's update).
+    """
     import ray
 
     rng = np.random.default_rng(cfg.seed)
-    objective = []
+    objective, compute = [], 0.0
     for it in range(cfg.niter):
         ref = ray.put(centroids)
         parts = ray.get([a.step.remote(ref) for a in actors])
         sums, counts = parts[0][0].copy(), parts[0][1].copy()
-        for part_sums, part_counts, _ in parts[1:]:
+        for part_sums, part_counts, *_ in parts[1:]:
             sums += part_sums
             counts += part_counts
         objective.append(float(sum(p[2] for p in parts)))
+        compute += max(p[3] for p in parts)
         log.debug("k-means iteration %d: objective %.6g", it, objective[-1])
         centroids = update_centroids(sums, counts, centroids, cfg.spherical, rng)
-    return centroids, objective
+    return centroids, objective, compute
 
 
 def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult:
@@ -429,6 +512,10 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
 
     Per iteration only the centroids go out (one ``ray.put``) and per-actor float64 sums, counts and
     objective come back, added in actor order so the same seed and data give the same centroids.
+    ``phase_seconds`` splits the wall time: ``load`` (actor start-up, shard reads, init keys; of which
+    ``shard_read`` is the slowest actor's read), ``init``, ``iterations`` (of which ``iteration_compute``
+    is the slowest actor's Lloyd steps), ``final_assign`` and ``write``; ``ray.init`` (when this call
+    starts Ray) is not counted.
     """
     import ray
 
@@ -436,13 +523,14 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     n, d = store.num_rows, store.dim
     cfg.validate(n)
     out_dir = store.path / "kmeans" / cfg.name
-    meta = {"k": cfg.k, "d": d, "niter": cfg.niter, "seed": cfg.seed, "spherical": cfg.spherical,
+    meta = {"k": cfg.k, "d": d, "niter": cfg.niter, "seed": cfg.seed, "spherical": cfg.spherical, "init": cfg.init,
             "init_sample": cfg.init_sample, "n_rows": n, "manifest_sha256": atomic.sha256_file(store.path / MANIFEST)}
     stored = _reusable(out_dir, meta)
     if stored is not None:
         log.info("k-means result %s is up to date: reusing it", out_dir)
         return KMeansResult(np.load(out_dir / "centroids.npy"), stored["objective"], stored["backend"],
-                            np.asarray(stored["sizes"], np.int64), out_dir, stored["seconds"])
+                            np.asarray(stored["sizes"], np.int64), out_dir, stored["seconds"],
+                            stored.get("phase_seconds", {}))
     files = store.files
     if not files:
         raise UserError(f"FeatureStore {store.path} has no parquet files; re-run `dp4tl extract`")
@@ -455,14 +543,18 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     worker = ray.remote(ShardWorker).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
     actors = [worker.remote(list(g), cfg.num_gpus_per_actor > 0, int(cfg.num_cpus_per_actor)) for g in groups]
     try:
-        infos = ray.get([a.info.remote() for a in actors])
+        # queued behind each actor's start-up: one wait covers start, shard reads and the init keys
+        info_refs = [a.info.remote() for a in actors]
+        smallest = [a.smallest_keys.remote(cfg.seed, min(cfg.init_rows, n)) for a in actors]
+        infos = ray.get(info_refs)
         if sum(i[0] for i in infos) != n:
             raise UserError(f"FeatureStore {store.path} holds {sum(i[0] for i in infos)} rows, manifest says {n}; re-extract it")
         backend = "+".join(sorted({i[1] for i in infos}))
+        ray.wait(smallest, num_returns=len(smallest))
         times.append(time.perf_counter())
-        centroids = _init_from_actors(actors, cfg, n)
+        centroids = _init_from_actors(actors, cfg, n, smallest)
         times.append(time.perf_counter())
-        centroids, objective = _lloyd_on_actors(actors, centroids, cfg)
+        centroids, objective, compute = _lloyd_on_actors(actors, centroids, cfg)
         times.append(time.perf_counter())
         ref = ray.put(centroids)
         parts = ray.get([a.final_assign.remote(ref) for a in actors])
@@ -480,42 +572,50 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     sizes = np.bincount(labels, minlength=cfg.k)
     times.append(time.perf_counter())
     phases = dict(zip(("load", "init", "iterations", "final_assign"), np.diff(times).round(3).tolist()))
+    phases["shard_read"] = round(max(i[2] for i in infos), 3)  # part of load
+    phases["iteration_compute"] = round(compute, 3)  # part of iterations
     seconds = times[-1] - times[0]
     log.info("k-means %d x %d, k=%d on %d actors (%s) in %.2fs: %s", n, d, cfg.k, len(actors), backend, seconds, phases)
     doc = {**meta, "objective": objective, "final_objective": float(np.sum(sq, dtype=np.float64)), "backend": backend,
            "num_actors": len(actors), "sizes": sizes.tolist(), "seconds": round(seconds, 3), "phase_seconds": phases}
     _write_result(out_dir, centroids, ids, labels, sq, doc)
-    return KMeansResult(centroids, objective, backend, sizes, out_dir, seconds)
+    phases["write"] = round(time.perf_counter() - times[-1], 3)
+    return KMeansResult(centroids, objective, backend, sizes, out_dir, time.perf_counter() - times[0], phases)
 
 
 def kmeans_single(x: np.ndarray, cfg: KMeansConfig, ids: np.ndarray | None = None) -> KMeansResult:
-    """Single-process ``faiss.Kmeans`` on all of ``x`` from the same seeded k-means++ init (the reference).
+    """Single-process ``faiss.Kmeans`` on all of ``x`` from the same seeded init (the reference).
 
-    ``ids`` (default ``0..n-1``) are the rows' store ids: they draw the init sample, so passing a
+    ``ids`` (default ``0..n-1``) are the rows' store ids: they draw the init rows, so passing a
     store's ids gives exactly the starting centroids that ``kmeans_distributed`` uses on it.
+    ``phase_seconds`` splits the time into ``init``, ``iterations`` (faiss' training) and ``final_assign``.
     """
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     cfg.validate(n)
-    t0 = time.perf_counter()
+    times = [time.perf_counter()]
     keys = sample_keys(np.arange(n) if ids is None else ids, cfg.seed)
-    m = min(cfg.init_sample, n)
+    m = min(cfg.init_rows, n)
     init = init_centroids(_sample_from([_rows_by_key(keys, x, key_threshold([_smallest(keys, m)], m))]), cfg)
     backend = probe_backend(use_gpu=faiss.get_num_gpus() > 0)
     gpu = backend.name == "faiss-gpu"
+    times.append(time.perf_counter())
     km = faiss.Kmeans(d, cfg.k, niter=cfg.niter, seed=cfg.seed, spherical=cfg.spherical,
                       max_points_per_centroid=n, min_points_per_centroid=1, gpu=gpu)
     km.train(x, init_centroids=init)
+    times.append(time.perf_counter())
     objective = [float(v) for v in km.obj]
     if cfg.spherical:  # faiss reports summed inner products; with unit centroids |x-c|^2 = |x|^2 + 1 - 2 x.c
         x_sq = float(np.einsum("ij,ij->", x, x, dtype=np.float64))
         objective = [x_sq + n - 2 * v for v in objective]
     labels, _ = assign(x, km.centroids, backend)
     sizes = np.bincount(labels, minlength=cfg.k)
+    times.append(time.perf_counter())
+    phases = dict(zip(("init", "iterations", "final_assign"), np.diff(times).round(3).tolist()))
     return KMeansResult(km.centroids.copy(), objective, "faiss-gpu" if gpu else "faiss-cpu", sizes, None,
-                        time.perf_counter() - t0)
+                        times[-1] - times[0], phases)
 
 
 def load_assignments(out_dir: str | Path) -> pa.Table:
@@ -528,6 +628,7 @@ def load_assignments(out_dir: str | Path) -> pa.Table:
 
 __all__ = [
     "FaissCpuBackend", "FaissGpuBackend", "KMeansConfig", "KMeansResult", "ShardWorker", "TorchBackend", "assign",
-    "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_plus_plus", "kmeans_single", "load_assignments",
-    "partial_sums", "probe_backend", "read_shard", "sample_keys", "update_centroids",
+    "cluster_sums", "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_plus_plus", "kmeans_single",
+    "load_assignments", "moved_sums", "partial_sums", "probe_backend", "read_shard", "running_sums", "sample_keys",
+    "update_centroids",
 ]

@@ -15,12 +15,16 @@ from dp4tl_ray.features import FeatureStore, feature_table
 from dp4tl_ray.kmeans import (
     FaissCpuBackend,
     KMeansConfig,
+    ShardWorker,
     TorchBackend,
     assign,
+    cluster_sums,
+    init_centroids,
     kmeans_distributed,
     kmeans_plus_plus,
     kmeans_single,
     load_assignments,
+    moved_sums,
     partial_sums,
     sample_keys,
     update_centroids,
@@ -105,6 +109,55 @@ def test_partial_sums_over_shards_add_up_to_the_whole():
     assert whole[1].sum() == len(x)
 
 
+def test_cluster_sums_add_each_cluster_in_float64():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    labels = rng.integers(0, 7, 2000)
+    labels[labels == 3] = 4  # cluster 3 empty
+    sums = cluster_sums(x, labels, 7)
+    for j in range(7):
+        expected = np.zeros(16)
+        for row in x[labels == j]:  # stored order, float64
+            expected += row
+        assert np.array_equal(sums[j], expected)
+
+
+def test_moved_sums_match_a_recount():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    old = rng.integers(0, 5, 3000)
+    new = old.copy()
+    moved = rng.choice(3000, 200, replace=False)
+    new[moved] = rng.integers(0, 5, 200)
+    sums = moved_sums(cluster_sums(x, old, 5), x, old, new)
+    assert np.allclose(sums, cluster_sums(x, new, 5), rtol=1e-12, atol=1e-10)
+    assert np.array_equal(moved_sums(sums, x, new, new), sums)
+
+
+def test_shard_worker_steps_match_full_lloyd_steps(tmp_path):
+    """The worker's running sums (recounted, then moved) give the same centroids as fresh sums each step."""
+    x, _ = planted(2000)
+    write_store(tmp_path, x, files=1)
+    worker = ShardWorker([str(tmp_path / "part-00000.parquet")])
+    cents = cents_ref = init_centroids(worker.x[:K], KMeansConfig(k=K, init="random"))
+    for _ in range(4):
+        sums, counts, obj, _ = worker.step(cents)
+        labels, sq = assign(worker.x, cents_ref)
+        ref_sums, ref_counts, ref_obj = partial_sums(worker.x, labels, sq, K)
+        assert np.array_equal(counts, ref_counts) and obj == ref_obj
+        assert np.allclose(sums, ref_sums, rtol=1e-12, atol=1e-10)
+        cents = update_centroids(sums, counts, cents, False, np.random.default_rng(0))
+        cents_ref = update_centroids(ref_sums, ref_counts, cents_ref, False, np.random.default_rng(0))
+
+
+def test_random_init_is_k_seeded_rows():
+    x, _ = planted(500)
+    ids = np.arange(500)
+    cents = init_centroids(x[np.argsort(sample_keys(ids, 2))[:K]], KMeansConfig(k=K, seed=2, init="random"))
+    assert cents.shape == (K, D) and cents.dtype == np.float32
+    assert np.array_equal(cents, x[np.argsort(sample_keys(ids, 2))[:K]])
+
+
 def test_assign_objective_is_sum_of_squared_distances():
     x, _ = planted(500)
     labels, sq = assign(x, x[:K])
@@ -138,7 +191,8 @@ def test_spherical_single_reports_squared_l2_objective():
     assert res.objective[-1] == pytest.approx(float(sq.sum()), rel=1e-4)  # converged: last step moved nothing
 
 
-@pytest.mark.parametrize("bad", [dict(k=0), dict(k=N + 1), dict(niter=0), dict(num_actors=0), dict(k=8, init_sample=4)])
+@pytest.mark.parametrize("bad", [dict(k=0), dict(k=N + 1), dict(niter=0), dict(num_actors=0), dict(k=8, init_sample=4),
+                                 dict(init="forgy")])
 def test_bad_config_is_a_user_error(bad):
     with pytest.raises(UserError):
         KMeansConfig(**{"k": K, **bad}).validate(N)
@@ -166,6 +220,17 @@ def test_distributed_matches_single_process_faiss(planted_run):
     assert res.objective[-1] == pytest.approx(ref.objective[-1], rel=0.01)
     assert res.backend == "faiss-cpu"
     assert len(res.objective) == cfg.niter
+
+
+@pytest.mark.ray
+def test_random_init_starts_both_sides_from_the_same_centroids(planted_run):
+    x, _, store, _, res, _ = planted_run
+    cfg = KMeansConfig(k=K, niter=2, seed=1, num_actors=2, init="random")
+    dist = kmeans_distributed(store, cfg)
+    ref = kmeans_single(x, cfg)
+    assert dist.out_dir.name == "k8-seed1-random" and dist.out_dir != res.out_dir
+    assert dist.objective[0] == pytest.approx(ref.objective[0], rel=1e-5)  # same start -> same first assignment
+    assert set(dist.phase_seconds) >= {"load", "init", "iterations", "iteration_compute", "final_assign", "write"}
 
 
 @pytest.mark.ray
