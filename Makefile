@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/demo.py --out $(DEMO_DIR)
+	$(BIN)/python jobs/sweep.py --config jobs/configs/demo.yaml --storage-path $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -108,7 +109,7 @@ def _ray(*args: str, env: dict, timeout: float = 120, check: bool = True) -> sub
 @pytest.fixture
 def local_head(tmp_path):
     """A real head node (`ray start --head --block`) with token auth and the trial-driver resource;
-    yields (dashboard address, client env). Terminating the blocking `ray start` stops its processes."""
+    yields (dashboard address, client env); afterwards the head's whole process session is killed."""
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{bin_dir}:{env.get('PATH', '')}", RAY_AUTH_MODE="token")
@@ -127,12 +128,19 @@ def local_head(tmp_path):
             assert time.time() < deadline, "the head's job server did not come up in 120 s"
             time.sleep(2)
         yield address, client
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    finally:  # every process of the head lives in the session that `ray start` leads
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        deadline = time.time() + 30
+        while any(_session_of(p) == head.pid for p in psutil.pids()) and time.time() < deadline:
+            time.sleep(0.5)
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def _finished_in_tune_state(sweep_dir: Path) -> set[str]:
