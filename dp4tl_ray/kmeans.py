@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SPLIT_EPS = 1e-3  # relative size of the nudge that splits a large cluster to re-seed an empty one
 MOVED_RECOUNT = 0.25  # above this share of a shard's rows changing cluster, its sums are recounted from scratch
 INITS = ("kmeans++", "random")
+INLINE_BYTES = 100 << 10  # centroids up to this size ride inside the task (Ray's own inline limit); larger: one ray.put
 TORCH_CHUNK_BYTES = 256 << 20  # GPU memory for one chunk of the (rows x k) distance matrix
 
 
@@ -383,11 +384,11 @@ def _sample_from(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order.
 
-    Row group by row group into arrays sized from the footers: the only new memory is the result
-    (Arrow's buffers for one row group are reused by the next), and ``ParquetFile`` skips the
-    ``pyarrow.dataset`` import that ``pq.read_table`` pays on its first call.
+    Memory-mapped files, row group by row group, into arrays sized from the footers: little new
+    memory beyond the result (Arrow's buffers for one row group are reused by the next), and
+    ``ParquetFile`` skips the ``pyarrow.dataset`` import that ``pq.read_table`` pays on first use.
     """
-    files = [pq.ParquetFile(p) for p in paths]
+    files = [pq.ParquetFile(p, memory_map=True) for p in paths]
     n = sum(f.metadata.num_rows for f in files)
     d = files[0].schema_arrow.field("feature").type.list_size
     ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
@@ -494,7 +495,7 @@ def _lloyd_on_actors(actors: list, centroids: np.ndarray, cfg: KMeansConfig) -> 
     rng = np.random.default_rng(cfg.seed)
     objective, compute = [], 0.0
     for it in range(cfg.niter):
-        ref = ray.put(centroids)
+        ref = centroids if centroids.nbytes <= INLINE_BYTES else ray.put(centroids)
         parts = ray.get([a.step.remote(ref) for a in actors])
         sums, counts = parts[0][0].copy(), parts[0][1].copy()
         for part_sums, part_counts, *_ in parts[1:]:
@@ -510,8 +511,8 @@ def _lloyd_on_actors(actors: list, centroids: np.ndarray, cfg: KMeansConfig) -> 
 def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult:
     """Lloyd k-means over a FeatureStore with one Ray actor per group of shards; reuses a finished run.
 
-    Per iteration only the centroids go out (one ``ray.put``) and per-actor float64 sums, counts and
-    objective come back, added in actor order so the same seed and data give the same centroids.
+    Per iteration only the centroids go out (inline when small, else one ``ray.put``) and per-actor float64
+    sums, counts and objective come back, added in actor order so the same seed and data give the same centroids.
     ``phase_seconds`` splits the wall time: ``load`` (actor start-up, shard reads, init keys; of which
     ``shard_read`` is the slowest actor's read), ``init``, ``iterations`` (of which ``iteration_compute``
     is the slowest actor's Lloyd steps), ``final_assign`` and ``write``; ``ray.init`` (when this call
