@@ -89,7 +89,7 @@ def main() -> None:
 
     plain_s = plain_loop(index, spec, decode, args.batch_size, workers, workers, work)
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     cfg = ExtractConfig(source=str(synth.source_dir), out=str(work / f"ray-{time.time_ns()}"), arch=args.arch,
                         image_size=args.size, resize_size=args.size, batch_size=args.batch_size, num_actors=1, topk=5)
     t0 = time.perf_counter()

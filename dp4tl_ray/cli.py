@@ -159,7 +159,8 @@ def init_ray_for_sweep() -> None:
         ray.init()
     else:
         cpus = os.cpu_count() or 2
-        ray.init(num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False,
+                 log_to_driver=False)
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
