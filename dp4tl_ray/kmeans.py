@@ -29,6 +29,8 @@ SPLIT_EPS = 1e-3  # relative size of the nudge that splits a large cluster to re
 MOVED_RECOUNT = 0.25  # above this share of a shard's rows changing cluster, its sums are recounted from scratch
 INITS = ("kmeans++", "random")
 INLINE_BYTES = 100 << 10  # centroids up to this size ride inside the task (Ray's own inline limit); larger: one ray.put
+READ_BATCH_ROWS = 4096  # rows per decoded batch when a shard actor reads its files
+READ_BUFFER_BYTES = 1 << 20  # parquet read buffer (streamed, not the whole column chunk at once)
 TORCH_CHUNK_BYTES = 256 << 20  # GPU memory for one chunk of the (rows x k) distance matrix
 
 
@@ -384,22 +386,23 @@ def _sample_from(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order.
 
-    Memory-mapped files, row group by row group, into arrays sized from the footers: little new
-    memory beyond the result (Arrow's buffers for one row group are reused by the next), and
-    ``ParquetFile`` skips the ``pyarrow.dataset`` import that ``pq.read_table`` pays on first use.
+    Streamed in small batches into arrays sized from the footers, so the only sizeable new memory
+    is the result: Arrow's decode buffers stay small and are reused batch after batch (reading
+    whole row groups allocated ~5x the features in transient buffers, and fresh memory is slow to
+    touch on VMs that hand idle memory back). ``ParquetFile`` also skips the ``pyarrow.dataset``
+    import that ``pq.read_table`` pays on first use.
     """
-    files = [pq.ParquetFile(p, memory_map=True) for p in paths]
+    files = [pq.ParquetFile(p, buffer_size=READ_BUFFER_BYTES, pre_buffer=False) for p in paths]
     n = sum(f.metadata.num_rows for f in files)
     d = files[0].schema_arrow.field("feature").type.list_size
     ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
     start = 0
     for f in files:
-        for g in range(f.num_row_groups):
-            table = f.read_row_group(g, columns=["id", "feature"])
-            ids[start : start + table.num_rows] = table.column("id").to_numpy()
-            for chunk in table.column("feature").chunks:
-                x[start : start + len(chunk)] = feature_matrix(chunk)
-                start += len(chunk)
+        for batch in f.iter_batches(batch_size=READ_BATCH_ROWS, columns=["id", "feature"], use_threads=False):
+            end = start + batch.num_rows
+            ids[start:end] = batch.column(0).to_numpy()
+            x[start:end] = feature_matrix(batch.column(1))
+            start = end
     return ids, x
 
 
