@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dp4tl_ray.models import ModelSpec, Surrogate, build_model
+from dp4tl_ray.train.prefetch import EpochStream, Waits
 
 STATE_FILE = "state.pt"  # full training state, for resume
 MODEL_FILE = "model.pt"  # the backbone in the project's checkpoint format, for evaluation
@@ -75,10 +76,11 @@ METHODS = {
 }
 
 
-def _to_float_images(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1] (the model normalises inside)."""
-    x = t.permute(0, 3, 1, 2).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+def _to_float_images(t: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1] (the model normalises inside), kept in channels-last
+    memory: no transposing copy, and convolutions run faster on it on CPU (~10% a step for
+    ResNet-18 at 32 px, measured) as on GPU."""
+    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
 def _load_state(checkpoint) -> dict[str, Any] | None:
@@ -132,14 +134,54 @@ def latest_state(run_dir: str) -> dict[str, Any] | None:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True) if path else None
 
 
+def _build_training(method: Method, cfg: dict[str, Any], cuda: bool, state: dict[str, Any] | None):
+    """The (DDP-prepared) model, its optimizer and LR schedule, restored from ``state`` if given."""
+    import ray.train.torch
+
+    model = method.build(ModelSpec(**cfg["spec"]), cfg)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=method.ddp_kwargs())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
+    if state is not None:
+        inner = model.module if hasattr(model, "module") else model
+        inner.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    return model, opt, sched
+
+
+def _report_epoch(cfg: dict[str, Any], method: Method, rank: int, model: nn.Module, opt, sched,
+                  history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    """Report the epoch's metrics to Ray Train, with a checkpoint (written by rank 0) when one is due."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from dp4tl_ray.models import save_checkpoint
+
+    epoch = metrics["epoch"]
+    if epoch % cfg["checkpoint_every"] and epoch != cfg["epochs"]:
+        ray.train.report(metrics)
+        return
+    with _checkpoint_dir(cfg, epoch) as tmp:
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch, "history": history, "resume_keys": {k: cfg[k] for k in RESUME_KEYS}},
+                       os.path.join(tmp, STATE_FILE))
+            save_checkpoint(method.backbone(inner), os.path.join(tmp, MODEL_FILE),
+                            {"epoch": epoch, "mode": cfg["mode"], "kept_classes": cfg["kept_classes"],
+                             "config": cfg["public_config"]})
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The Ray Train loop: resume from the latest checkpoint, train to ``cfg['epochs']``, report per
     epoch. Returns the per-epoch metrics of the whole run (earlier attempts included)."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
-
-    from dp4tl_ray.models import save_checkpoint
 
     method = METHODS[cfg["mode"]]
     ctx = ray.train.get_context()
@@ -150,78 +192,63 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
     torch.manual_seed(cfg["seed"] + rank)
 
-    spec = ModelSpec(**cfg["spec"])
-    model = method.build(spec, cfg)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=method.ddp_kwargs())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
-
-    start_epoch, history = 0, []
     state = _load_state(ray.train.get_checkpoint())
     if state is not None:
         check_resume_keys(state, cfg, ctx.get_experiment_name())
-        inner = model.module if hasattr(model, "module") else model
-        inner.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
+    start_epoch, history = (int(state["epoch"]), list(state["history"])) if state is not None else (0, [])
 
-    remap = torch.full((cfg["num_source_classes"],), -1, dtype=torch.long)
-    remap[torch.tensor(cfg["kept_classes"], dtype=torch.long)] = torch.arange(len(cfg["kept_classes"]))
-    remap = remap.to(device)
+    # Full batches only where a short one breaks something: DDP ranks in step, MoCo's queue slots.
+    drop_last = world > 1 or method.name == "moco_v2"
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, cfg["epochs"]):
-        model.train()
-        t0 = time.perf_counter()
-        seen, loss_sum, steps = 0, 0.0, 0
-        # Full batches only where a short one breaks something: DDP ranks in step, MoCo's queue slots.
-        drop_last = world > 1 or method.name == "moco_v2"
-        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=drop_last,
-                                              local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                                              local_shuffle_seed=cfg["seed"] * 1000 + epoch * 10 + rank):
-            if drop_last and len(batch[method.views[0]]) < cfg["batch_size"]:
-                continue  # MoCo's queue slots and DDP's lock-step need full batches on every rank
-            inputs = {k: _to_float_images(batch[k], cuda) for k in method.views if k != "label"}
-            if "label" in method.views:
-                inputs["label"] = remap[batch["label"].long()]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = method.loss(model, inputs, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = next(iter(inputs.values())).shape[0]
-            seen += n
-            loss_sum += float(loss.detach()) * n
-            steps += 1
-        sched.step()
-        seconds = time.perf_counter() - t0
-        totals = torch.tensor([seen, loss_sum], dtype=torch.float64)
-        if world > 1:
-            import torch.distributed as dist
 
-            dist.all_reduce(totals)
-        images, loss_total = int(totals[0]), float(totals[1])
-        metrics = {"epoch": epoch + 1, "loss": loss_total / max(images, 1), "images": images,
-                   "images_per_s": images / max(seconds, 1e-9), "epoch_s": seconds, "lr": sched.get_last_lr()[0],
-                   "start_epoch": start_epoch, "world_size": world}
-        history.append(metrics)
-        last = epoch + 1 == cfg["epochs"]
-        if (epoch + 1) % cfg["checkpoint_every"] == 0 or last:
-            with _checkpoint_dir(cfg, epoch + 1) as tmp:
-                if rank == 0:
-                    inner = model.module if hasattr(model, "module") else model
-                    torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history,
-                                "resume_keys": {k: cfg[k] for k in RESUME_KEYS}}, os.path.join(tmp, STATE_FILE))
-                    save_checkpoint(method.backbone(inner), os.path.join(tmp, MODEL_FILE),
-                                    {"epoch": epoch + 1, "mode": cfg["mode"], "kept_classes": cfg["kept_classes"],
-                                     "config": cfg["public_config"]})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
-        else:
-            ray.train.report(metrics)
+    def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        return shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=drop_last,
+                                        local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+                                        local_shuffle_seed=cfg["seed"] * 1000 + epoch * 10 + rank)
+
+    # Started before the model is built, so the data processes start meanwhile.
+    stream = EpochStream(open_epoch, range(start_epoch, cfg["epochs"]), depth=cfg["prefetch_batches"])
+    try:
+        model, opt, sched = _build_training(method, cfg, cuda, state)
+        remap = torch.full((cfg["num_source_classes"],), -1, dtype=torch.long)
+        remap[torch.tensor(cfg["kept_classes"], dtype=torch.long)] = torch.arange(len(cfg["kept_classes"]))
+        remap = remap.to(device)
+        for epoch in range(start_epoch, cfg["epochs"]):
+            model.train()
+            started_at, t0, cpu0 = time.time(), time.perf_counter(), time.process_time()
+            seen, loss_sum, steps = 0, 0.0, 0
+            waits = Waits()
+            for batch in stream.batches(epoch, waits):
+                if drop_last and len(batch[method.views[0]]) < cfg["batch_size"]:
+                    continue  # MoCo's queue slots and DDP's lock-step need full batches on every rank
+                inputs = {k: _to_float_images(batch[k]) for k in method.views if k != "label"}
+                if "label" in method.views:
+                    inputs["label"] = remap[batch["label"].long()]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = method.loss(model, inputs, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n = next(iter(inputs.values())).shape[0]
+                seen += n
+                loss_sum += float(loss.detach()) * n
+                steps += 1
+            sched.step()
+            seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+            totals = torch.tensor([seen, loss_sum], dtype=torch.float64)
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(totals)
+            images, loss_total = int(totals[0]), float(totals[1])
+            metrics = {"epoch": epoch + 1, "loss": loss_total / max(images, 1), "images": images,
+                       "images_per_s": images / max(seconds, 1e-9), "epoch_s": seconds, "first_batch_s": waits.first,
+                       "data_wait_s": waits.total, "cpu_s": cpu_s, "started_at": started_at, "lr": sched.get_last_lr()[0],
+                       "start_epoch": start_epoch, "world_size": world}
+            history.append(metrics)
+            _report_epoch(cfg, method, rank, model, opt, sched, history, metrics)
+    finally:
+        stream.close()
     return history
 
 

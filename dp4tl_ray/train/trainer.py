@@ -48,7 +48,11 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1
     shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0 = off)
+    prefetch_batches: int = 2  # batches each worker's data thread runs ahead, across epoch ends
     rows_per_block: int = 256
+    # Decode the kept images once and keep them (resized uint8, before augmentation) in the object
+    # store for every epoch: "auto" = when they fit CACHE_STORE_FRACTION of it, "true", "false".
+    cache_decoded: str = "auto"
     seed: int = 0
     # MoCo v2 (He et al. 2020 / Chen et al. 2020): feature dim, queue size, key momentum, temperature
     moco_dim: int = 128
@@ -67,7 +71,7 @@ class PretrainConfig:
             raise UserError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.num_workers < 0:
             raise UserError(f"num_workers must be >= 0 (0 = local mode), got {self.num_workers}")
-        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "prefetch_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_failures < -1:
@@ -76,6 +80,8 @@ class PretrainConfig:
             raise UserError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.cache_decoded not in ("auto", "true", "false"):
+            raise UserError(f"cache_decoded must be auto, true or false, got {self.cache_decoded!r}")
         if self.adv_norm not in ("linf", "l2"):
             raise UserError(f"adv_norm must be linf or l2, got {self.adv_norm!r}")
         global_batch = self.batch_size * max(1, self.num_workers)
@@ -95,7 +101,9 @@ class PretrainResult:
     history: list[dict[str, Any]]  # every epoch's, across resumes
     kept_classes: list[int]
     images: int
-    seconds: float
+    seconds: float  # trainer.fit(): Train start-up, the epochs, checkpoints
+    cache_s: float = 0.0  # decoding the kept images into the cache, before fit (0 when streamed)
+    cached: bool = False  # whether the decoded images were cached (see training_dataset)
 
     @property
     def model_path(self) -> str | None:
@@ -104,17 +112,52 @@ class PretrainResult:
         return None if self.checkpoint is None else str(Path(self.checkpoint) / MODEL_FILE)
 
 
-def _augment_stage(cfg: PretrainConfig):
-    """The per-mode augmentation UDF and its kwargs (runs in Ray Data CPU tasks, fresh each epoch)."""
+def augment_batch(batch: dict[str, np.ndarray], *, mode: str, size: int, scale: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Ray Data UDF: the mode's augmentation of a decoded batch (fresh random draws every call).
+
+    It lives here, not in :mod:`dp4tl_ray.data.transforms`, so that the processes which only unpickle
+    the dataset plan (Ray Train's dataset manager, the split coordinator) need not import torch and
+    torchvision (several seconds each on a busy machine); only the task that augments does."""
     from dp4tl_ray.data import transforms
 
-    if cfg.mode == "moco_v2":
-        return transforms.moco_v2_augment, {"size": cfg.image_size}
-    return transforms.supervised_augment, {"size": cfg.image_size, "scale": (cfg.crop_scale_min, 1.0)}
+    if mode == "moco_v2":
+        return transforms.moco_v2_augment(batch, size)
+    return transforms.supervised_augment(batch, size, scale=scale)
+
+
+CACHE_STORE_FRACTION = 0.25  # cache_decoded=auto: at most this share of the object store holds the cache
+
+
+def decoded_bytes(cfg: PretrainConfig, images: int) -> int:
+    """Object-store bytes of ``images`` decoded rows (uint8 image + id + label)."""
+    return images * (3 * cfg.image_size * cfg.image_size + 12)
+
+
+def use_decode_cache(cfg: PretrainConfig, images: int) -> bool:
+    """Whether to decode once and cache: forced by ``cache_decoded``, or (auto) when the kept images
+    fit :data:`CACHE_STORE_FRACTION` of the cluster's object store."""
+    if cfg.cache_decoded != "auto":
+        return cfg.cache_decoded == "true"
+    import ray
+
+    store = float(ray.cluster_resources().get("object_store_memory", 0))
+    return decoded_bytes(cfg, images) <= CACHE_STORE_FRACTION * store
+
+
+def augmented_dataset(decoded, cfg: PretrainConfig):
+    """The per-mode augmentation stage over decoded rows (Ray Data CPU tasks, fresh draws each epoch)."""
+    kwargs = {"mode": cfg.mode, "size": cfg.image_size, "scale": (cfg.crop_scale_min, 1.0)}
+    return decoded.map_batches(augment_batch, fn_kwargs=kwargs, batch_size=cfg.rows_per_block, num_cpus=1)
 
 
 def training_dataset(cfg: PretrainConfig):
-    """Source rows -> kept rows (filtered before decoding) -> decode -> augment, plus the kept classes."""
+    """Source rows -> kept rows (filtered before decoding) -> decode, lazily, plus the kept classes.
+
+    :func:`pretrain` then either streams it (read -> filter -> decode -> augment, re-run every epoch)
+    or, when the decoded keep-set fits the object store (``cache_decoded``), decodes it once
+    (``materialize``) and runs only the augmentation each epoch. Small and pruned sources (the
+    demo, the benchmarks, CIFAR-scale data) fit; ImageNet at 224 px (~150 KB an image decoded,
+    ~190 GB for 1.28 M images) does not, and streams as before."""
     from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.data.source import open_source
     from dp4tl_ray.select.keepset import KeepSet
@@ -135,8 +178,6 @@ def training_dataset(cfg: PretrainConfig):
     kept_classes = np.unique(labels[kept_ids]).tolist()
     decode = DecodeSpec.for_size(cfg.image_size, cfg.resize_size)
     ds = source.decode(rows, decode, cfg.rows_per_block)
-    fn, kwargs = _augment_stage(cfg)
-    ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=cfg.rows_per_block, num_cpus=1)
     return ds, source, kept_classes, int(len(kept_ids))
 
 
@@ -185,7 +226,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
     if not ray.is_initialized():
         ray.init()
     _check_cluster_fits(cfg)
-    ds, source, kept_classes, images = training_dataset(cfg)
+    decoded, source, kept_classes, images = training_dataset(cfg)
     spec = {"arch": cfg.arch, "num_classes": len(kept_classes) if cfg.mode != "moco_v2" else cfg.moco_dim,
             "small_input": cfg.small_input}
     loop_cfg = {**asdict(cfg), "spec": spec, "kept_classes": kept_classes, "num_source_classes": len(source.classes),
@@ -207,6 +248,13 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
                 return PretrainResult(run_dir=run_dir, checkpoint=str(path), metrics=dict(state["history"][-1]),
                                       history=list(state["history"]), kept_classes=kept_classes, images=images, seconds=0.0)
             log.info("resuming run %s from epoch %d", cfg.name, state["epoch"])
+    cached, cache_s = use_decode_cache(cfg, images), 0.0
+    if cached:
+        t0 = time.perf_counter()
+        decoded = decoded.materialize()  # freed when this function returns (the driver owns the blocks)
+        cache_s = time.perf_counter() - t0
+        log.info("decoded %d kept images into the object store in %.1fs", decoded.count(), cache_s)
+    ds = augmented_dataset(decoded, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -224,4 +272,4 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
                           kept_classes=kept_classes,
-                          images=images, seconds=seconds)
+                          images=images, seconds=seconds, cache_s=cache_s, cached=cached)
