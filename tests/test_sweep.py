@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -103,7 +102,9 @@ def _free_port() -> int:
 
 def _ray(*args: str, env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     ray_bin = str(Path(sys.executable).parent / "ray")
-    return subprocess.run([ray_bin, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=check)
+    done = subprocess.run([ray_bin, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert not check or done.returncode == 0, f"ray {' '.join(args[:2])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ def local_head(tmp_path):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         deadline = time.time() + 30
-        while any(_session_of(p) == head.pid for p in psutil.pids()) and time.time() < deadline:
+        while any(_session_of(int(p)) == head.pid for p in os.listdir("/proc") if p.isdigit()) and time.time() < deadline:
             time.sleep(0.5)
 
 
