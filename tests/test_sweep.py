@@ -165,16 +165,22 @@ def test_sweep_job_on_a_local_head_resumes_after_stop(local_head, tmp_path):
     submit = ["job", "submit", "--address", address, "--working-dir", ".",
               "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "out", "__pycache__"]})]
     entry = ["--", "python", "jobs/sweep.py", "--config", str(TINY.relative_to(REPO)), "--storage-path", str(storage)]
-    _ray(*submit, "--submission-id", "sweep-1", "--no-wait", *entry, env=env)
+    # The head answers `job list` before its node's dashboard agent takes submissions: retry a little.
+    deadline, attempt = time.time() + 120, 0
+    while (sub := _ray(*submit, "--submission-id", job := f"sweep-1-{attempt}", "--no-wait", *entry, env=env,
+                       check=False)).returncode:
+        assert time.time() < deadline, f"ray job submit kept failing:\n{sub.stdout[-2000:]}\n{sub.stderr[-3000:]}"
+        attempt += 1
+        time.sleep(3)
     trials = storage / "tiny" / "work" / "trials"
     deadline = time.time() + 400
     while not _finished_in_tune_state(storage / "tiny"):
-        status = _ray("job", "status", "--address", address, "sweep-1", env=env, check=False).stdout
-        assert "FAILED" not in status, _ray("job", "logs", "--address", address, "sweep-1", env=env, check=False).stdout[-3000:]
+        status = _ray("job", "status", "--address", address, job, env=env, check=False).stdout
+        assert "FAILED" not in status, _ray("job", "logs", "--address", address, job, env=env, check=False).stdout[-3000:]
         assert time.time() < deadline, "no trial finished in 400 s"
         time.sleep(2)
     first = {json.loads((trials / f"{t}.json").read_text())["key"] for t in _finished_in_tune_state(storage / "tiny")}
-    _ray("job", "stop", "--address", address, "sweep-1", env=env)
+    _ray("job", "stop", "--address", address, job, env=env)
     starts_before = (storage / "tiny" / "work" / "trial_starts.log").read_text().splitlines()
 
     second = _ray(*submit, "--submission-id", "sweep-2", *entry, env=env, timeout=500, check=False)
