@@ -3,6 +3,7 @@
 Everything but the file reading and writing is pure: trials (dicts) in, flat summary rows out, and
 tables and figures drawn from those rows. A table covers one (mode, arch, surrogate, task) group;
 rows are methods (dense first), columns pruning ratios, cells mean ± std over seeds in percent.
+``random-init`` (no pretraining at all: the floor any pretraining must beat) is a reference row like dense.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from dp4tl_ray.select.pipeline import METHODS
 
 RESULTS_FILE = "results.jsonl"
 DENSE = "dense"
-METHOD_ORDER = (DENSE,) + METHODS
+RANDOM_INIT = "random-init"  # the downstream evaluation of an untrained, seeded backbone
+REFERENCES = (DENSE, RANDOM_INIT)  # rows that don't depend on the pruning ratio
+METHOD_ORDER = (DENSE,) + METHODS + (RANDOM_INIT,)
 GROUP_KEYS = ("mode", "arch", "surrogate", "task")
 TRIAL_KEYS = (
     "trial_id", "status", "error", "method", "ratio", *GROUP_KEYS, "seed",
@@ -76,7 +79,7 @@ def _read_text(sweep_dir: str) -> str:
 def normalize_trial(obj: dict[str, Any]) -> dict[str, Any]:
     """A trial with every contract key (missing optional keys -> None); bad ones become error trials."""
     t = {k: obj.get(k) for k in TRIAL_KEYS}
-    if t["method"] == DENSE and t["ratio"] is None:
+    if t["method"] in REFERENCES and t["ratio"] is None:
         t["ratio"] = 0.0
     if t["status"] == "ok":
         missing = [k for k in ("method", "ratio") if t[k] is None]
@@ -217,18 +220,19 @@ def _markdown(header: list[str], body: list[list[str]]) -> str:
 def accuracy_table(rows: list[dict[str, Any]], group: tuple, metric: str) -> str | None:
     """The paper-shaped Markdown table of one group and metric (None when it has no values).
 
-    Dense is its own first row and shows its figure under every ratio, the reference for each column.
+    Dense is its own first row and shows its figure under every ratio, the reference for each column
+    (so does random init, last: the floor).
     """
     mine = [r for r in rows if _group_of(r) == group and r["metric"] == metric]
     if not mine:
         return None
-    ratios = sorted({r["ratio"] for r in mine if r["method"] != DENSE}) or [0.0]
+    ratios = sorted({r["ratio"] for r in mine if r["method"] not in REFERENCES}) or [0.0]
     methods = sorted({r["method"] for r in mine}, key=_method_rank)
     at = {(r["method"], r["ratio"]): r for r in mine}
     body = []
     for method in methods:
-        if method == DENSE:
-            d = next(r for r in mine if r["method"] == DENSE)
+        if method in REFERENCES:
+            d = next(r for r in mine if r["method"] == method)
             cells = [format_cell(d["mean_pct"], d["std_pct"])] * len(ratios)
         else:
             cells = [format_cell(at[method, q]["mean_pct"], at[method, q]["std_pct"]) if (method, q) in at else "—"
@@ -255,6 +259,8 @@ def time_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for group, members in group_trials(trials).items():
         for (method, ratio), ts in _cells(members).items():
+            if method == RANDOM_INIT:
+                continue  # nothing was pretrained
             frac = [t["kept_images"] / t["total_images"] for t in ts if t["kept_images"] is not None and t["total_images"]]
             dev = [d for d in map(_device_hours, ts) if d is not None]
             units = {u for u, _ in dev}
@@ -343,8 +349,9 @@ def _plot_by_method(path: Path, rows: list[dict[str, Any]], y: str, ylabel: str,
         mine = [r for r in rows if _group_of(r) == group and r[y] is not None]
         for method in sorted({r["method"] for r in mine}, key=_method_rank):
             pts = [r for r in mine if r["method"] == method]
-            if method == DENSE:
-                ax.axhline(pts[0][y], color="black", linestyle="--", label="dense")
+            if method in REFERENCES:
+                ax.axhline(pts[0][y], color="black" if method == DENSE else "grey",
+                           linestyle="--" if method == DENSE else ":", label=method)
                 continue
             xs = [100 * r["ratio"] for r in pts]
             errs = [r[std] or 0.0 for r in pts] if std else None

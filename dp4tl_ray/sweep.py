@@ -35,6 +35,8 @@ from dp4tl_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 DENSE = "dense"
+RANDOM_INIT = "random-init"  # no pretraining: the downstream evaluation of a seeded untrained backbone (the floor)
+REFERENCES = (DENSE, RANDOM_INIT)  # methods without a keep-set or a ratio
 SURROGATE_FREE = (DENSE, "random-class", "random-image")  # methods that never look at the surrogate's outputs
 SECTIONS = ("sweep", "synth", "data", "surrogate", "extract", "select", "pretrain", "pretrain_by_mode", "evaluate")
 TRIAL_RESOURCE = "trial_driver"  # custom resource (cluster.yaml puts it on the head) that Tune trial drivers hold
@@ -84,8 +86,8 @@ class SweepConfig:
             if not getattr(self, name):
                 raise UserError(f"sweep.{name} is empty; list at least one")
         for m in self.methods:
-            if m != DENSE and m not in METHODS:
-                raise UserError(f"sweep.methods: unknown method {m!r}; choose from {DENSE}, {', '.join(METHODS)}")
+            if m not in REFERENCES and m not in METHODS:
+                raise UserError(f"sweep.methods: unknown method {m!r}; choose from {', '.join(REFERENCES + METHODS)}")
         for r in self.ratios:
             if not 0 < r < 1:
                 raise UserError(f"sweep.ratios: {r} is not in (0, 1); the dense run is method {DENSE!r}")
@@ -297,7 +299,7 @@ def prepare(plan: SweepPlan) -> Shared:
     source, tasks = _data(plan, work)
     trials: list[dict[str, Any]] = []
     common = {"arch": plan.pretrain.get("arch", "resnet50")}
-    selecting = [m for m in sw.methods if m != DENSE]
+    selecting = [m for m in sw.methods if m not in REFERENCES]
     # Unit methods first: image-level baselines match their image budget.
     order = sorted(selecting, key=lambda m: (m in _image_methods(), m != sw.match_budget))
     need_match = bool(set(selecting) & set(_image_methods())) and sw.match_budget
@@ -351,8 +353,12 @@ def prepare(plan: SweepPlan) -> Shared:
                                       "seed": seed, "keepset": None, "select_s": 0.0, "kept_units": len(src.classes),
                                       "total_units": len(src.classes), "kept_images": src.num_rows,
                                       "total_images": src.num_rows, **common})
+    if RANDOM_INIT in sw.methods:  # one per task and seed, whatever the pretraining mode: nothing is pretrained
+        trials += [{"method": RANDOM_INIT, "ratio": 0.0, "surrogate": None, "mode": None, "task": task, "seed": seed,
+                    "keepset": None, "select_s": 0.0, "kept_units": 0, "total_units": None, "kept_images": 0,
+                    "total_images": None, **common} for task in tasks for seed in sw.seeds]
     for t in trials:
-        t["key"] = "-".join(str(x) for x in (t["method"], _ratio_tag(t["ratio"]), t["surrogate"] or "any", t["mode"],
+        t["key"] = "-".join(str(x) for x in (t["method"], _ratio_tag(t["ratio"]), t["surrogate"] or "any", t["mode"] or "any",
                                               t["task"], f"s{t['seed']}"))
     trials.sort(key=lambda t: t["key"])
     return Shared(source=source, tasks=tasks, trials=trials)
@@ -361,17 +367,33 @@ def prepare(plan: SweepPlan) -> Shared:
 # ----- one trial (runs in a Tune trial actor) -----
 
 
-def _evaluate(plan: SweepPlan, mode: str, task_dir: str, model_path: str, out: Path, storage: str) -> dict[str, Any]:
-    """LP or FF results; an evaluation already written for the same checkpoint is reused."""
+def _evaluate(plan: SweepPlan, mode: str, task_dir: str, model_path: str | None, out: Path, storage: str,
+              **overrides: Any) -> dict[str, Any]:
+    """LP or FF results; an evaluation already written for the same checkpoint is reused.
+    ``model_path`` None evaluates a seeded, untrained backbone (the random-init baseline)."""
     from dp4tl_ray.train.evaluate import EvalConfig, evaluate
 
-    sha = atomic.sha256_file(model_path)
+    sha = atomic.sha256_file(model_path) if model_path else None
     if out.is_file():
         done = json.loads(out.read_text())
         if done.get("checkpoint_sha256") == sha and done.get("mode") == mode:
             return done
-    return evaluate(from_dict(EvalConfig, {**plan.evaluate, "mode": mode, "task_dir": task_dir, "checkpoint": model_path,
-                                           "out": str(out), "storage_path": storage}, "evaluate"))
+    return evaluate(from_dict(EvalConfig, {**plan.evaluate, **overrides, "mode": mode, "task_dir": task_dir,
+                                           "checkpoint": model_path, "out": str(out), "storage_path": storage}, "evaluate"))
+
+
+def _evaluations(plan: SweepPlan, shared: Shared, spec: dict[str, Any], trial_id: str, model_path: str | None,
+                 **overrides: Any) -> dict[str, Any]:
+    """Every eval mode of the sweep on the trial's task: ``{lp_acc, lp_acc_test_max, ..., eval_s}``."""
+    work, out = plan.sweep.work, {}
+    t0 = time.perf_counter()
+    for mode in plan.sweep.eval_modes:
+        ev = _evaluate(plan, mode, shared.tasks[spec["task"]], model_path, work / "evals" / f"{trial_id}-{mode}.json",
+                       str(work / "runs"), **overrides)
+        out[f"{mode}_acc"] = ev["test_acc"]
+        out[f"{mode}_acc_test_max"] = ev["test_acc_max_over_epochs"]
+    out["eval_s"] = round(time.perf_counter() - t0, 3)
+    return out
 
 
 def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
@@ -387,11 +409,21 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     work = plan.sweep.work
     done = work / "trials" / f"{trial_id}.json"
     # Killed after the trial finished but before Tune saved that: its record stands, nothing is redone.
-    reused = done.is_file() and Path(json.loads(done.read_text()).get("checkpoint") or "-").is_file()
+    record = json.loads(done.read_text()) if done.is_file() else None
+    reused = record is not None and (record["method"] == RANDOM_INIT or Path(record.get("checkpoint") or "-").is_file())
     with open(work / "trial_starts.log", "a") as f:  # one line per (re)start: how often each trial ran
         f.write(json.dumps({"trial_id": trial_id, "key": spec["key"], "time": time.time(), "reused": reused}) + "\n")
     if reused:
-        ray.tune.report(json.loads(done.read_text()))
+        ray.tune.report(record)
+        return
+    if spec["method"] == RANDOM_INIT:  # nothing to pretrain: evaluate the seeded untrained backbone
+        record = {k: spec[k] for k in ("method", "ratio", "surrogate", "mode", "arch", "task", "seed", "select_s",
+                                       "kept_units", "total_units", "kept_images", "total_images")}
+        record.update(trial_id=trial_id, status="ok", error=None, key=spec["key"], pretrain_s=0.0, pretrain_total_s=0.0,
+                      checkpoint=None, **_evaluations(plan, shared, spec, trial_id, None, arch=spec["arch"],
+                                                      seed=spec["seed"]))
+        atomic.write_json(done, record)
+        ray.tune.report(record)
         return
     if spec["keepset"]:
         KeepSet.load(spec["keepset"])  # the sha256 check, before any worker starts
@@ -409,13 +441,7 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
                   pretrain_total_s=round(total_s if result.seconds else sum(h.get("epoch_s", 0.0) for h in result.history), 3),
                   workers=pcfg.num_workers, use_gpu=pcfg.use_gpu, gpus_per_worker=1 if pcfg.use_gpu else 0,
                   epoch=result.metrics.get("epoch"), loss=result.metrics.get("loss"), checkpoint=result.model_path)
-    t1 = time.perf_counter()
-    for mode in plan.sweep.eval_modes:
-        ev = _evaluate(plan, mode, shared.tasks[spec["task"]], result.model_path,
-                       work / "evals" / f"{trial_id}-{mode}.json", str(work / "runs"))
-        record[f"{mode}_acc"] = ev["test_acc"]
-        record[f"{mode}_acc_test_max"] = ev["test_acc_max_over_epochs"]
-    record["eval_s"] = round(time.perf_counter() - t1, 3)
+    record.update(_evaluations(plan, shared, spec, trial_id, result.model_path))
     atomic.write_json(done, record)
     ray.tune.report(record)
 

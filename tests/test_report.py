@@ -85,6 +85,21 @@ def test_time_saved_counts_selection_against_dense_pretraining(tmp_path):
     assert lm["device_unit"] == "GPU-hours" and lm["device_hours_saved"] == pytest.approx(1.0)
 
 
+def test_random_init_is_a_reference_row_in_every_group_and_costs_no_pretraining():
+    """The untrained-backbone baseline (no surrogate, no mode) joins each mode's table as a constant row."""
+    trials = [_trial("dense", 0.0, 0, 0.70, surrogate=None, select_s=0.0),
+              _trial("lm", 0.5, 0, 0.72, select_s=10.0),
+              _trial("lm", 0.5, 0, 0.60, mode="moco_v2", select_s=10.0, trial_id="lm-moco"),
+              _trial("random-init", 0.0, 0, 0.31, surrogate=None, mode=None, pretrain_s=0.0, select_s=0.0,
+                     kept_images=0, kept_units=0)]
+    trials = parse_results("\n".join(json.dumps(t) for t in trials))
+    rows = accuracy_rows(trials)
+    for mode in ("supervised", "moco_v2"):
+        table = accuracy_table(rows, (mode, "resnet18", "resnet18", "task_0"), "lp")
+        assert table.splitlines()[-1].startswith("| random-init | 31.00 |"), table
+    assert "random-init" not in {r["method"] for r in time_rows(trials)}
+
+
 def test_cpu_runs_are_costed_in_worker_hours():
     trials = parse_results("\n".join(json.dumps(_trial(m, q, 0, 0.5, use_gpu=False, gpus_per_worker=0, workers=4,
                                                        pretrain_s=s, select_s=0.0))

@@ -60,7 +60,7 @@ class EvalConfig:
     lr: float | None = None  # None: the recipe's (LP 0.01, FF 1e-4)
     val_fraction: float = 0.1
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int = 1  # 0 = Ray Train's local mode: the loop runs in this process (quick tests, debugging)
     use_gpu: bool = False
     out: str | None = None  # results JSON; default <checkpoint dir>/eval-<task>-<mode>.json
     storage_path: str | None = None  # Ray Train storage; None = Ray's default (~/ray_results)
@@ -88,9 +88,11 @@ class EvalConfig:
         if self.mode not in MODES:
             raise UserError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         lr, epochs = self.recipe
-        for name, value in (("epochs", epochs), ("batch_size", self.batch_size), ("num_workers", self.num_workers)):
+        for name, value in (("epochs", epochs), ("batch_size", self.batch_size)):
             if value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            raise UserError(f"num_workers must be >= 0 (0 = Ray Train's local mode, in this process), got {self.num_workers}")
         if not lr > 0:
             raise UserError(f"lr must be > 0, got {lr}")
         if not 0 < self.val_fraction < 1:
