@@ -2,7 +2,10 @@
 
 Source classes are grouped into *domains*. A domain fixes a shape family, a texture, a colour
 palette and a spatial frequency; each class is one point in its domain's parameter box (shape
-parameters, texture frequency and angle, hue offset). Every image adds jitter (position, scale,
+parameters, texture frequency and angle, hue offset). With ``class_cues`` < 5, only that many of
+the five attributes tell a domain's classes apart - a different subset in each domain, as breeds
+differ by coat and vehicles by outline - and the others vary from image to image; features learned
+on one domain then tell little about another's classes. Every image adds jitter (position, scale,
 rotation, colour), background clutter and noise. Downstream tasks use a few domains with *new*
 points of the same boxes, so a surrogate trained on the source maps them onto the relevant
 domains' classes, and features learned there (and only there) transfer.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import colorsys
 import functools
 import io
+import itertools
 import json
 import time
 from dataclasses import dataclass, field, fields
@@ -162,6 +166,7 @@ class _Domain:
     secondary: tuple[float, float, float]  # hsv
     freq: float
     hue_spread: float  # half-range of class hue offsets; images jitter by half of it
+    cues: tuple[int, ...] = tuple(range(NUM_PARAMS))  # the class parameters that tell its classes apart
 
 
 @dataclass(frozen=True)
@@ -173,9 +178,12 @@ class _Class:
     params: tuple[float, ...]  # NUM_PARAMS values in [0, 1]
 
 
-def _domains(n: int) -> list[_Domain]:
-    """Domains cycle through families, textures and palettes; hues are spread evenly."""
+def _domains(n: int, class_cues: int = NUM_PARAMS) -> list[_Domain]:
+    """Domains cycle through families, textures and palettes; hues are spread evenly; each takes its
+    own ``class_cues``-subset of the class parameters as the cues (consecutive domains differ)."""
     families, textures = list(FAMILIES), list(TEXTURES)
+    subsets = list(itertools.combinations(range(NUM_PARAMS), class_cues))
+    step = 3  # coprime with the 1, 5 or 10 subsets there are: consecutive domains walk through all of them
     out = []
     for d in range(n):
         family = families[d % len(families)]
@@ -186,6 +194,7 @@ def _domains(n: int) -> list[_Domain]:
             index=d, name=f"d{d:02d}-{family}-{texture}", family=family, texture=texture,
             primary=(hue, *_PRIMARY_SV[d % len(_PRIMARY_SV)]), secondary=((hue + shift) % 1, s2, v2),
             freq=_BASE_FREQ[(d // 2) % len(_BASE_FREQ)], hue_spread=min(0.03, 0.3 / n),
+            cues=subsets[(d * step) % len(subsets)],
         ))
     return out
 
@@ -242,7 +251,8 @@ def _paint_clutter(img: Array, rng: np.random.Generator, size: int) -> None:
 def _render(cls: _Class, rng: np.random.Generator, size: int) -> Array:
     """One image of ``cls`` as uint8 HxWx3; every random choice comes from ``rng``."""
     dom = cls.domain
-    shape_a, shape_b, freq_p, angle_p, hue_p = cls.params
+    # Parameters that are not this domain's cues vary per image (no draws at all when every one is a cue).
+    shape_a, shape_b, freq_p, angle_p, hue_p = (p if j in dom.cues else rng.random() for j, p in enumerate(cls.params))
     x, y = _grid(size)
 
     # Background: a smooth blend of two dull random colours, then clutter.
@@ -305,6 +315,7 @@ class SynthConfig:
     test_per_class: int = 20
     seed: int = 0
     dirty: bool = False
+    class_cues: int = NUM_PARAMS  # class parameters (of 5) that tell a domain's classes apart; the rest vary per image
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""
@@ -320,6 +331,8 @@ class SynthConfig:
             raise UserError(f"synthetic tasks must be >= 0 (got {self.tasks})")
         if self.seed < 0:
             raise UserError(f"synthetic seed must be >= 0 (got {self.seed})")
+        if not 1 <= self.class_cues <= NUM_PARAMS:
+            raise UserError(f"synthetic class_cues must be in [1, {NUM_PARAMS}] (got {self.class_cues})")
         if self.domains_per_task > self.num_domains:
             raise UserError(f"synthetic domains_per_task ({self.domains_per_task}) must be <= "
                             f"num_domains ({self.num_domains})")
@@ -366,7 +379,7 @@ def _class_params(seed: int, dom: _Domain, count: int) -> tuple[list[tuple], lis
 
 def _plan(cfg: SynthConfig) -> tuple[list[_Domain], list[_Class], list[_Task]]:
     """Domains, source classes (domain-major) and downstream tasks, all from the seed."""
-    domains = _domains(cfg.num_domains)
+    domains = _domains(cfg.num_domains, cfg.class_cues)
     n = cfg.num_domains * cfg.classes_per_domain
     wnid_rng = np.random.default_rng((cfg.seed, _TAG_WNIDS))
     numbers = 1_000_000 + wnid_rng.choice(15_000_000, size=n, replace=False)
@@ -422,7 +435,7 @@ def _write_tree(tmp: Path, cfg: SynthConfig) -> dict:
     index = {name: i for i, name in enumerate(sorted(c.name for c in source))}
     wnids_of = {dom.name: [c.name for c in source if c.domain is dom] for dom in domains}
     atomic.write_json(tmp / "source" / "domains.json", {
-        "domains": [{"name": dom.name, "family": dom.family, "texture": dom.texture,
+        "domains": [{"name": dom.name, "family": dom.family, "texture": dom.texture, "class_cues": list(dom.cues),
                      "wnids": wnids_of[dom.name], "class_indices": [index[w] for w in wnids_of[dom.name]]}
                     for dom in domains],
         "classes": [{"wnid": c.name, "index": index[c.name], "domain": c.domain.name,

@@ -1,13 +1,15 @@
 """Per-worker pretraining loop for every mode (runs inside a Ray Train worker).
 
 A mode is a :class:`Method`: how to build the model, how to augment a batch (in a Ray Data CPU
-stage), and the loss of one step. The loop around them - data shard, DDP, bf16 autocast,
+stage, or in the worker when the keep-set is cached: :mod:`~dp4tl_ray.train.memory_shard`), and the
+loss of one step. The loop around them - data shard, DDP, bf16 autocast,
 checkpoints, resume, metrics - is the same for all modes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -205,6 +207,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         return shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=drop_last,
                                         local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch * 10 + rank)
+
+    if cfg.get("in_memory"):  # a cached keep-set of decoded rows: read this worker's share once, augment here
+        from dp4tl_ray.train.memory_shard import MemoryShard
+        from dp4tl_ray.train.trainer import augment_batch
+
+        augment = functools.partial(augment_batch, mode=cfg["mode"], size=cfg["image_size"],
+                                    scale=(cfg["crop_scale_min"], 1.0))
+        held: list[MemoryShard] = []
+
+        def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:  # noqa: F811 - the cached variant
+            if not held:  # in the data thread, while the model is built
+                held.append(MemoryShard.from_batches(shard.iter_batches(batch_size=cfg["rows_per_block"],
+                                                                        batch_format="numpy")))
+            return held[0].epoch(epoch, batch_size=cfg["batch_size"], drop_last=drop_last, seed=cfg["seed"],
+                                 rank=rank, augment=augment)
 
     # Started before the model is built, so the data processes start meanwhile.
     stream = EpochStream(open_epoch, range(start_epoch, cfg["epochs"]), depth=cfg["prefetch_batches"])

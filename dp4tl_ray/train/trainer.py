@@ -155,7 +155,8 @@ def training_dataset(cfg: PretrainConfig):
 
     :func:`pretrain` then either streams it (read -> filter -> decode -> augment, re-run every epoch)
     or, when the decoded keep-set fits the object store (``cache_decoded``), decodes it once
-    (``materialize``) and runs only the augmentation each epoch. Small and pruned sources (the
+    (``materialize``); each worker then reads its share once and augments it itself every epoch
+    (:mod:`~dp4tl_ray.train.memory_shard`). Small and pruned sources (the
     demo, the benchmarks, CIFAR-scale data) fit; ImageNet at 224 px (~150 KB an image decoded,
     ~190 GB for 1.28 M images) does not, and streams as before."""
     from dp4tl_ray.data.decode import DecodeSpec
@@ -249,12 +250,14 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
                                       history=list(state["history"]), kept_classes=kept_classes, images=images, seconds=0.0)
             log.info("resuming run %s from epoch %d", cfg.name, state["epoch"])
     cached, cache_s = use_decode_cache(cfg, images), 0.0
-    if cached:
+    if cached:  # workers read their share once and augment it themselves every epoch
         t0 = time.perf_counter()
-        decoded = decoded.materialize()  # freed when this function returns (the driver owns the blocks)
+        ds = decoded.materialize()  # freed when this function returns (the driver owns the blocks)
         cache_s = time.perf_counter() - t0
-        log.info("decoded %d kept images into the object store in %.1fs", decoded.count(), cache_s)
-    ds = augmented_dataset(decoded, cfg)
+        log.info("decoded %d kept images into the object store in %.1fs", ds.count(), cache_s)
+    else:  # read -> filter -> decode -> augment, a Ray Data execution per epoch
+        ds = augmented_dataset(decoded, cfg)
+    loop_cfg["in_memory"] = cached
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

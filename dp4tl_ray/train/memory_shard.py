@@ -1,0 +1,54 @@
+"""A Train worker's share of a cached keep-set, held in its memory and augmented by the worker.
+
+When the decoded keep-set fits the object store (``cache_decoded``), each worker reads its shard
+once and draws every epoch from memory: a fresh permutation per epoch (seeded by run seed, epoch
+and rank), batches cut from it, the mode's augmentation applied by the worker's data thread
+(:class:`~dp4tl_ray.train.prefetch.EpochStream`). No Ray Data execution per epoch: at small scale
+its start-up was most of an epoch, and it did not shrink with the keep-set. Numpy and torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+Batch = dict[str, np.ndarray]
+
+
+class MemoryShard:
+    """Equal-length numpy columns (``image`` uint8 NHWC, ``label``, ...) of one worker's rows."""
+
+    def __init__(self, columns: dict[str, np.ndarray]):
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"columns differ in length: { {k: len(v) for k, v in columns.items()} }")
+        self.columns = columns
+        self.rows = lengths.pop() if lengths else 0
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[Batch]) -> MemoryShard:
+        """Concatenate numpy batches (e.g. a Ray Data shard's ``iter_batches(batch_format="numpy")``)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for b in batches:
+            for k, v in b.items():
+                parts.setdefault(k, []).append(np.asarray(v))
+        return cls({k: np.concatenate(v) for k, v in parts.items()})
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def epoch(self, epoch: int, *, batch_size: int, drop_last: bool, seed: int, rank: int,
+              augment: Callable[[Batch], Batch]) -> Iterator[dict[str, Any]]:
+        """This epoch's batches as torch tensors: every row once, in an order fixed by (seed, epoch, rank)."""
+        order = np.random.default_rng((seed, epoch, rank)).permutation(self.rows)
+        for start in range(0, self.rows, batch_size):
+            idx = np.sort(order[start:start + batch_size])  # sorted: contiguous reads; the batch's rows stay random
+            if drop_last and len(idx) < batch_size:
+                return
+            out = augment({k: v[idx] for k, v in self.columns.items()})
+            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+__all__ = ["MemoryShard"]

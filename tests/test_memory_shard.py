@@ -1,0 +1,48 @@
+"""A worker's in-memory share of a cached keep-set: every row once per epoch, reshuffled, augmented (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dp4tl_ray.train.memory_shard import MemoryShard
+
+
+def _shard(n: int = 10) -> MemoryShard:
+    batches = [{"id": np.arange(s, min(s + 4, n)), "label": np.arange(s, min(s + 4, n)) % 3,
+                "image": np.zeros((min(4, n - s), 2, 2, 3), np.uint8)} for s in range(0, n, 4)]
+    return MemoryShard.from_batches(batches)
+
+
+def _ids(shard: MemoryShard, epoch: int, **kw) -> list[list[int]]:
+    seen = []
+
+    def augment(batch):
+        assert batch["image"].shape[1:] == (2, 2, 3)
+        return {**batch, "image": batch["image"] + 1}
+
+    for b in shard.epoch(epoch, seed=0, rank=kw.pop("rank", 0), augment=augment, **kw):
+        assert isinstance(b["id"], torch.Tensor) and int(b["image"].min()) == 1  # augmented, as tensors
+        seen.append(b["id"].tolist())
+    return seen
+
+
+def test_every_row_once_per_epoch_in_a_new_order():
+    shard = _shard(10)
+    assert len(shard) == 10
+    e0, e1 = _ids(shard, 0, batch_size=4, drop_last=False), _ids(shard, 1, batch_size=4, drop_last=False)
+    assert [len(b) for b in e0] == [4, 4, 2]
+    assert sorted(sum(e0, [])) == sorted(sum(e1, [])) == list(range(10))
+    assert e0 != e1 and e0 == _ids(shard, 0, batch_size=4, drop_last=False)  # reshuffled; same seed, same order
+    assert e0 != _ids(shard, 0, batch_size=4, drop_last=False, rank=1)
+
+
+def test_drop_last_keeps_only_full_batches():
+    assert [len(b) for b in _ids(_shard(10), 0, batch_size=4, drop_last=True)] == [4, 4]
+
+
+def test_empty_shard_has_no_batches_and_ragged_columns_are_refused():
+    assert _ids(MemoryShard.from_batches([]), 0, batch_size=4, drop_last=False) == []
+    with pytest.raises(ValueError, match="differ in length"):
+        MemoryShard({"id": np.arange(3), "label": np.arange(2)})
