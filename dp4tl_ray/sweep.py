@@ -151,7 +151,27 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     sweep = {**(raw.get("sweep") or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     plan = SweepPlan(sweep=from_dict(SweepConfig, sweep, "sweep"),
                      **{k: dict(raw[k] or {}) for k in SECTIONS[1:] if k in raw})
-    return check_plan(plan)
+    return check_plan(_absolute_paths(plan))
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _absolute_paths(plan: SweepPlan) -> SweepPlan:
+    """Every local path of the plan made absolute against the driver's working directory: Tune runs
+    each trial in its own working directory, where a relative path would point elsewhere."""
+    sw = plan.sweep
+    sw.storage_path = _absolute(sw.storage_path)
+    if sw.work_dir:
+        sw.work_dir = _absolute(sw.work_dir)
+    sw.surrogate_checkpoints = {arch: _absolute(p) for arch, p in sw.surrogate_checkpoints.items()}
+    if plan.data:
+        if isinstance(plan.data.get("source"), str):
+            plan.data["source"] = _absolute(plan.data["source"])
+        if isinstance(plan.data.get("tasks"), list):
+            plan.data["tasks"] = [_absolute(t) if isinstance(t, str) else t for t in plan.data["tasks"]]
+    return plan
 
 
 def check_plan(plan: SweepPlan) -> SweepPlan:

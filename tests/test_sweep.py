@@ -58,6 +58,15 @@ def test_overrides_replace_the_sweep_section(tmp_path):
         _ = uri.work
 
 
+def test_relative_paths_are_fixed_on_the_driver(tmp_path, monkeypatch):
+    """Tune runs each trial in its own working directory: a relative storage path must not follow it."""
+    monkeypatch.chdir(tmp_path)
+    plan = load_plan(TINY, {"storage_path": "out/sweeps", "work_dir": "shared/work"})
+    monkeypatch.chdir("/")
+    assert plan.sweep.path == str(tmp_path.resolve() / "out" / "sweeps" / "tiny")
+    assert plan.sweep.work == tmp_path.resolve() / "shared" / "work"
+
+
 def test_concurrent_trials_fit_the_cluster():
     cpu = {"num_workers": 1, "cpus_per_worker": 1}
     assert concurrent_trials({"CPU": 2}, cpu, 10) == 1  # one worker CPU + one CPU for its data
