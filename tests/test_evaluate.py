@@ -12,6 +12,7 @@ from PIL import Image
 from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.train.evaluate import (
+    reported_epochs,
     EvalConfig, eval_trainer, evaluate, select_epoch, stratified_split, train_linear_head,
 )
 
@@ -46,6 +47,13 @@ def test_stratified_split_is_deterministic_and_keeps_every_class_on_both_sides()
     assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(labels)))
     assert set(labels[tr]) == set(labels[va]) == {0, 1, 2, 3}
     assert np.bincount(labels[va]).tolist() == [3, 1, 1, 1]
+
+
+def test_reports_are_spaced_out_and_always_include_the_last_epoch():
+    """Each Ray Train report waits for the controller's poll: LP's 50 millisecond epochs report ~10 times."""
+    assert reported_epochs(50) == {5, 10, 15, 20, 25, 30, 35, 40, 45, 50}
+    assert reported_epochs(31) == {4, 8, 12, 16, 20, 24, 28, 31}
+    assert reported_epochs(2) == {1, 2} and reported_epochs(1) == {1}
 
 
 def test_stratified_split_refuses_a_class_too_small_to_split():

@@ -37,6 +37,10 @@ MODES = ("lp", "ff")
 LP_LR, LP_EPOCHS = 0.01, 50
 FF_LR, FF_EPOCHS = 1e-4, 200
 BATCH_SIZE = 128
+# Ray Train's report queue holds one result until the controller polls (every 2 s by default): an LP
+# epoch takes milliseconds, so reporting each of 50 would idle ~100 s. At most this many reports;
+# every epoch is in the results JSON's history.
+MAX_REPORTS = 10
 SELECTION = "epoch with the best val_acc on a stratified hold-out of the train set; test_acc is test top-1 at that epoch"
 TEST_MAX_NOTE = ("max test top-1 over epochs = model selection on the test set (what the paper's reference code "
                  "reports); for comparison only, not an unbiased estimate")
@@ -185,6 +189,18 @@ def train_linear_head(head: nn.Linear, train: Split, evals: dict[str, Split], ep
         if on_epoch is not None:
             on_epoch(history[-1])
     return history
+
+
+def reported_epochs(epochs: int, max_reports: int = MAX_REPORTS) -> set[int]:
+    """The epochs (1-based) whose metrics go to Ray Train: evenly spaced, the last always included.
+    A pure function of the epoch count, so every rank reports the same epochs."""
+    step = -(-epochs // max(1, max_reports))
+    return {e for e in range(1, epochs + 1) if e % step == 0 or e == epochs}
+
+
+def _reporter(report: Callable[[dict[str, Any]], None], epochs: int) -> Callable[[dict[str, Any]], None]:
+    chosen = reported_epochs(epochs)
+    return lambda metrics: report(metrics) if metrics["epoch"] in chosen else None
 
 
 # ----- worker side -----
@@ -348,9 +364,10 @@ def _eval_loop(config: dict[str, Any]) -> dict[str, Any]:
         feats = {name: (_features(model, x, w, cfg.batch_size), y) for name, (x, y) in evals.items()}
         fit_x = torch.from_numpy(fit[0]).to(w.device)
         train_feats = (_features(model, fit_x, w, cfg.batch_size), torch.from_numpy(fit[1]).to(w.device))
-        history = train_linear_head(model.net.fc, train_feats, feats, epochs, lr, cfg.batch_size, cfg.seed, ray.train.report)
+        history = train_linear_head(model.net.fc, train_feats, feats, epochs, lr, cfg.batch_size, cfg.seed,
+                                    _reporter(ray.train.report, epochs))
     else:
-        history = _finetune(model, fit, evals, cfg, w, ray.train.report)
+        history = _finetune(model, fit, evals, cfg, w, _reporter(ray.train.report, epochs))
 
     results = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("lr", "epochs", "out", "storage_path")},
@@ -395,5 +412,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return eval_trainer(cfg).fit().return_value
 
 
-__all__ = ["EvalConfig", "eval_trainer", "evaluate", "select_epoch", "stratified_split", "task_indexes", "top1_accuracy",
+__all__ = ["EvalConfig", "eval_trainer", "evaluate", "reported_epochs", "select_epoch", "stratified_split", "task_indexes", "top1_accuracy",
            "train_linear_head"]
