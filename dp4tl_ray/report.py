@@ -20,11 +20,8 @@ from typing import Any, Iterable
 from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.select.pipeline import METHODS
+from dp4tl_ray.sweep import DENSE, RANDOM_INIT, REFERENCES, RESULTS_FILE  # REFERENCES: rows without a ratio
 
-RESULTS_FILE = "results.jsonl"
-DENSE = "dense"
-RANDOM_INIT = "random-init"  # the downstream evaluation of an untrained, seeded backbone
-REFERENCES = (DENSE, RANDOM_INIT)  # rows that don't depend on the pruning ratio
 METHOD_ORDER = (DENSE,) + METHODS + (RANDOM_INIT,)
 GROUP_KEYS = ("mode", "arch", "surrogate", "task")
 TRIAL_KEYS = (

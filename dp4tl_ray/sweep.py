@@ -416,6 +416,13 @@ def _evaluations(plan: SweepPlan, shared: Shared, spec: dict[str, Any], trial_id
     return out
 
 
+def _record(spec: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """The start of a finished trial's record: what the trial was, and that it ran."""
+    record = {k: spec[k] for k in ("method", "ratio", "surrogate", "mode", "arch", "task", "seed", "select_s",
+                                   "kept_units", "total_units", "kept_images", "total_images")}
+    return {**record, "trial_id": trial_id, "status": "ok", "error": None, "key": spec["key"]}
+
+
 def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     """select (load the prepared keep-set) -> pretrain (TorchTrainer named from the trial id) -> evaluate -> report."""
     import ray.tune
@@ -437,9 +444,8 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
         ray.tune.report(record)
         return
     if spec["method"] == RANDOM_INIT:  # nothing to pretrain: evaluate the seeded untrained backbone
-        record = {k: spec[k] for k in ("method", "ratio", "surrogate", "mode", "arch", "task", "seed", "select_s",
-                                       "kept_units", "total_units", "kept_images", "total_images")}
-        record.update(trial_id=trial_id, status="ok", error=None, key=spec["key"], pretrain_s=0.0, pretrain_total_s=0.0,
+        record = _record(spec, trial_id)
+        record.update(pretrain_s=0.0, pretrain_total_s=0.0,
                       checkpoint=None, **_evaluations(plan, shared, spec, trial_id, None, arch=spec["arch"],
                                                       seed=spec["seed"]))
         atomic.write_json(done, record)
@@ -453,11 +459,8 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     t0 = time.perf_counter()
     result = pretrain(pcfg, callbacks=[TuneReportCallback()])
     total_s = time.perf_counter() - t0
-    record: dict[str, Any] = {
-        k: spec[k] for k in ("method", "ratio", "surrogate", "mode", "arch", "task", "seed", "select_s", "kept_units",
-                             "total_units", "kept_images", "total_images")}
-    record.update(trial_id=trial_id, status="ok", error=None, key=spec["key"],
-                  pretrain_s=round(sum(h.get("epoch_s", 0.0) for h in result.history), 3),
+    record = _record(spec, trial_id)
+    record.update(pretrain_s=round(sum(h.get("epoch_s", 0.0) for h in result.history), 3),
                   pretrain_total_s=round(total_s if result.seconds else sum(h.get("epoch_s", 0.0) for h in result.history), 3),
                   workers=pcfg.num_workers, use_gpu=pcfg.use_gpu, gpus_per_worker=1 if pcfg.use_gpu else 0,
                   epoch=result.metrics.get("epoch"), loss=result.metrics.get("loss"), checkpoint=result.model_path)

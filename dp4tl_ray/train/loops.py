@@ -202,26 +202,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     # Full batches only where a short one breaks something: DDP ranks in step, MoCo's queue slots.
     drop_last = world > 1 or method.name == "moco_v2"
     shard = ray.train.get_dataset_shard("train")
+    held: list = []  # a cached keep-set: this worker's share of the decoded rows, read once (in the data thread)
 
     def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        return shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=drop_last,
-                                        local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
-                                        local_shuffle_seed=cfg["seed"] * 1000 + epoch * 10 + rank)
-
-    if cfg.get("in_memory"):  # a cached keep-set of decoded rows: read this worker's share once, augment here
+        if not cfg.get("in_memory"):  # augmented rows streamed by Ray Data, a new execution per epoch
+            return shard.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=drop_last,
+                                            local_shuffle_buffer_size=cfg["shuffle_buffer"] or None,
+                                            local_shuffle_seed=cfg["seed"] * 1000 + epoch * 10 + rank)
         from dp4tl_ray.train.memory_shard import MemoryShard
         from dp4tl_ray.train.trainer import augment_batch
 
+        if not held:
+            held.append(MemoryShard.from_batches(shard.iter_batches(batch_size=cfg["rows_per_block"], batch_format="numpy")))
         augment = functools.partial(augment_batch, mode=cfg["mode"], size=cfg["image_size"],
                                     scale=(cfg["crop_scale_min"], 1.0))
-        held: list[MemoryShard] = []
-
-        def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:  # noqa: F811 - the cached variant
-            if not held:  # in the data thread, while the model is built
-                held.append(MemoryShard.from_batches(shard.iter_batches(batch_size=cfg["rows_per_block"],
-                                                                        batch_format="numpy")))
-            return held[0].epoch(epoch, batch_size=cfg["batch_size"], drop_last=drop_last, seed=cfg["seed"],
-                                 rank=rank, augment=augment)
+        return held[0].epoch(epoch, batch_size=cfg["batch_size"], drop_last=drop_last, seed=cfg["seed"], rank=rank,
+                             augment=augment)
 
     # Started before the model is built, so the data processes start meanwhile.
     stream = EpochStream(open_epoch, range(start_epoch, cfg["epochs"]), depth=cfg["prefetch_batches"])

@@ -113,7 +113,8 @@ class PretrainResult:
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, mode: str, size: int, scale: tuple[float, float]) -> dict[str, np.ndarray]:
-    """Ray Data UDF: the mode's augmentation of a decoded batch (fresh random draws every call).
+    """The mode's augmentation of a decoded batch (fresh random draws every call): a Ray Data UDF on the
+    streamed path, called by the worker itself on a cached keep-set.
 
     It lives here, not in :mod:`dp4tl_ray.data.transforms`, so that the processes which only unpickle
     the dataset plan (Ray Train's dataset manager, the split coordinator) need not import torch and
