@@ -183,13 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per size (the box may be shared: report all)")
     ap.add_argument("--faiss-threads", type=int, help="OpenMP threads for faiss (default: one per actor)")
     ap.add_argument("--store", type=Path, help="benchmark on this FeatureStore instead of generated features")
+    ap.add_argument("--gpus-per-actor", type=float, default=0.0,
+                    help="actors assign on the GPU (faiss GPU, else torch CUDA); faiss.Kmeans stays on CPU "
+                         "unless the faiss build has GPUs (then set --faiss-threads to the CPUs it may use)")
     ap.add_argument("--sweep-sizes", action="store_true", help=f"one line per size in {SWEEP_SIZES}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
     cfgs = [KMeansConfig(k=args.k, niter=args.niter, seed=args.seed, num_actors=args.actors, init=init,
-                         init_sample=args.init_sample) for init in (INITS if args.init == "both" else (args.init,))]
+                         init_sample=args.init_sample, num_gpus_per_actor=args.gpus_per_actor) for init in (INITS if args.init == "both" else (args.init,))]
     threads = args.faiss_threads or args.actors
     rows = []
 

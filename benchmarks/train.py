@@ -67,9 +67,13 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def plain_images_per_s(index, cfg: PretrainConfig, threads: int, data_workers: int, cached: bool) -> dict:
-    """The baseline loop: DataLoader workers (decode +) augment, the main process trains."""
+    """The baseline loop: DataLoader workers (decode +) augment, the main process trains (on the GPU
+    with ``cfg.use_gpu``: bf16 autocast and channels_last, as the Ray loop)."""
     torch.set_num_threads(threads)
-    model = build_model(ModelSpec(cfg.arch, len(index.classes), cfg.small_input), seed=0).train()
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model = build_model(ModelSpec(cfg.arch, len(index.classes), cfg.small_input), seed=0).train().to(device)
+    if cfg.use_gpu:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
     decoded = None
@@ -80,16 +84,21 @@ def plain_images_per_s(index, cfg: PretrainConfig, threads: int, data_workers: i
     data = _Batches(index, cfg, decoded)
     sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), cfg.batch_size, drop_last=False)
     loader = torch.utils.data.DataLoader(data, sampler=sampler, batch_size=None, num_workers=data_workers,
-                                         persistent_workers=True)
+                                         persistent_workers=True, pin_memory=cfg.use_gpu)
     rates, per_cpu_s = [], []
     for _ in range(cfg.epochs):
         t0, cpu0, n = time.perf_counter(), time.process_time(), 0
         for x, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(x.permute(0, 3, 1, 2).float().div_(255)), y)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             n += len(y)
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
         per_cpu_s.append(n / (time.process_time() - cpu0))
     return {"img_s": rates, "img_per_cpu_s": per_cpu_s, "cache_s": cache_s, "load": os.getloadavg()[0]}
@@ -113,6 +122,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--gpu", action="store_true", help="train on the GPU (both loops: bf16 autocast, channels_last)")
     args = ap.parse_args()
     if args.cpus < 2:
         ap.error("--cpus must be >= 2: one for the training worker, the rest for data")
@@ -126,7 +136,7 @@ def main() -> None:
     threads = max(1, args.cpus - 1)
     cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), arch=args.arch, image_size=args.size,
                          resize_size=args.size, crop_scale_min=0.5, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=0.05, cpus_per_worker=threads, shuffle_buffer=0)
+                         lr=0.05, cpus_per_worker=threads, shuffle_buffer=0, use_gpu=args.gpu)
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     cached = use_decode_cache(cfg, len(index))
@@ -153,7 +163,7 @@ def main() -> None:
                       "ray_epochs_img_s": [round(h["images_per_s"], 1) for h in runs[0.0][0].history],
                       "ray_img_per_cpu_s": round(ray_per_cpu, 1), "plain_img_per_cpu_s": round(plain_per_cpu, 1),
                       "cpu_ratio": round(ray_per_cpu / plain_per_cpu, 3),
-                      "cached_decode": cached, "arch": args.arch, "size": args.size, "threads": threads,
+                      "cached_decode": cached, "use_gpu": args.gpu, "arch": args.arch, "size": args.size, "threads": threads,
                       "data_workers": args.cpus - threads,
                       "load_1min": [round(before["load"], 2), round(load[0.0], 2), round(plain[0]["load"], 2)]}))
     steady = {k: statistics.median(h["epoch_s"] for h in r.history[1:]) for k, (r, _, _) in runs.items()}

@@ -46,3 +46,19 @@ def test_empty_shard_has_no_batches_and_ragged_columns_are_refused():
     assert _ids(MemoryShard.from_batches([]), 0, batch_size=4, drop_last=False) == []
     with pytest.raises(ValueError, match="differ in length"):
         MemoryShard({"id": np.arange(3), "label": np.arange(2)})
+
+
+def test_batches_stay_on_the_cpu_without_a_cuda_device():
+    for b in _shard(6).epoch(0, batch_size=4, drop_last=False, seed=0, rank=0, augment=lambda x: x,
+                             device=torch.device("cpu")):
+        assert b["image"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_land_on_the_cuda_device():
+    # The cached path feeds the model directly: its batches must be where the model is (Ray Data's
+    # iter_torch_batches moves the streamed ones; a CPU batch on a GPU model fails in normalisation).
+    batches = list(_shard(6).epoch(0, batch_size=4, drop_last=False, seed=0, rank=0, augment=lambda x: x,
+                                   device=torch.device("cuda")))
+    assert all(v.device.type == "cuda" for b in batches for v in b.values())
+    assert sorted(torch.cat([b["id"] for b in batches]).tolist()) == list(range(6))

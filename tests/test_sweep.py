@@ -67,6 +67,26 @@ def test_relative_paths_are_fixed_on_the_driver(tmp_path, monkeypatch):
     assert plan.sweep.work == tmp_path.resolve() / "shared" / "work"
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs" / "configs").glob("*.yaml")))
+def test_shipped_configs_pass_every_check(name):
+    """demo, reproduce, imagenet, gpu-smoke: every section's keys and values are checked on load."""
+    plan = load_plan(REPO / "jobs" / "configs" / name)
+    assert plan.sweep.methods and plan.sweep.ratios
+
+
+def test_gpu_smoke_config_puts_every_stage_on_the_gpu():
+    from dp4tl_ray.featurestore import FeatureStore
+    from dp4tl_ray.select.pipeline import SelectConfig, kmeans_config
+
+    plan = load_plan(REPO / "jobs" / "configs" / "gpu-smoke.yaml")
+    assert plan.surrogate["use_gpu"] and plan.pretrain["use_gpu"] and plan.evaluate["use_gpu"]
+    select = SelectConfig(method="fm", ratio=0.8, source_features="-", downstream_features=["-"],
+                          **{k: v for k, v in plan.select.items()})
+    store = FeatureStore(Path("-"), {"classes": [f"c{i}" for i in range(40)]})
+    kcfg = kmeans_config(select, store)
+    assert kcfg.num_gpus_per_actor == 0.5 and kcfg.num_actors == 2 and kcfg.k == 40
+
+
 def test_concurrent_trials_fit_the_cluster():
     cpu = {"num_workers": 1, "cpus_per_worker": 1}
     assert concurrent_trials({"CPU": 2}, cpu, 10) == 1  # one worker CPU + one CPU for its data

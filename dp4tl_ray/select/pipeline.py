@@ -46,6 +46,7 @@ class SelectConfig:
     k: int | None = None  # FM clusters; default: number of source classes
     kmeans_niter: int = 20
     kmeans_actors: int = 2
+    kmeans_gpus_per_actor: float = 0  # > 0: actors assign on a GPU (faiss GPU, else torch CUDA); 0.5 packs 2 per GPU
     spherical: bool = False
     # Image-level baselines keep an image budget: as many images as the keep-set `match` (the method
     # they are compared with), else `keep_fraction` of the images, else 1 - ratio of them.
@@ -89,7 +90,8 @@ def kmeans_config(cfg: SelectConfig, source: FeatureStore):
     from dp4tl_ray.kmeans import KMeansConfig
 
     return KMeansConfig(k=cfg.k or len(source.manifest["classes"]), niter=cfg.kmeans_niter, seed=cfg.seed,
-                        spherical=cfg.spherical, num_actors=cfg.kmeans_actors)
+                        spherical=cfg.spherical, num_actors=cfg.kmeans_actors,
+                        num_gpus_per_actor=cfg.kmeans_gpus_per_actor)
 
 
 def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str], dict[str, Any]]:

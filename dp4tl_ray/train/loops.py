@@ -217,7 +217,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         augment = functools.partial(augment_batch, mode=cfg["mode"], size=cfg["image_size"],
                                     scale=(cfg["crop_scale_min"], 1.0))
         return held[0].epoch(epoch, batch_size=cfg["batch_size"], drop_last=drop_last, seed=cfg["seed"], rank=rank,
-                             augment=augment)
+                             augment=augment, device=device)
 
     # Started before the model is built, so the data processes start meanwhile.
     stream = EpochStream(open_epoch, range(start_epoch, cfg["epochs"]), depth=cfg["prefetch_batches"])

@@ -40,15 +40,21 @@ class MemoryShard:
         return self.rows
 
     def epoch(self, epoch: int, *, batch_size: int, drop_last: bool, seed: int, rank: int,
-              augment: Callable[[Batch], Batch]) -> Iterator[dict[str, Any]]:
-        """This epoch's batches as torch tensors: every row once, in an order fixed by (seed, epoch, rank)."""
+              augment: Callable[[Batch], Batch], device: torch.device | None = None) -> Iterator[dict[str, Any]]:
+        """This epoch's batches as torch tensors: every row once, in an order fixed by (seed, epoch, rank).
+        On a CUDA ``device`` each batch is pinned and copied there (the data thread runs ahead, so the
+        copy overlaps the training step), as Ray Data's ``iter_torch_batches`` does on the streamed path."""
+        cuda = device is not None and device.type == "cuda"
         order = np.random.default_rng((seed, epoch, rank)).permutation(self.rows)
         for start in range(0, self.rows, batch_size):
             idx = np.sort(order[start:start + batch_size])  # sorted: contiguous reads; the batch's rows stay random
             if drop_last and len(idx) < batch_size:
                 return
             out = augment({k: v[idx] for k, v in self.columns.items()})
-            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+            if cuda:
+                batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+            yield batch
 
 
 __all__ = ["MemoryShard"]
