@@ -4,6 +4,10 @@ The Lloyd step is pure numpy (``assign`` -> ``partial_sums`` -> ``update_centroi
 faiss ``contrib/clustering.py``: a shard only has to assign its rows and return per-centroid sums.
 Ray only moves centroids (k x d) to the shard actors and sums back; features never leave an actor.
 Results land next to the features in ``<store>/kmeans/k<k>-seed<seed>[-spherical]/``.
+
+On the CPU a shard skips the rows whose nearest centroid provably cannot have changed (Hamerly's
+bounds, ``bounded_assign``): the assignment is the one a full search gives, at a fraction of its cost
+once the centroids settle. ``KMeansConfig.bounds = False`` searches every row every iteration.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +37,10 @@ INLINE_BYTES = 100 << 10  # centroids up to this size ride inside the task (Ray'
 READ_BATCH_ROWS = 4096  # rows per decoded batch when a shard actor reads its files
 READ_BUFFER_BYTES = 1 << 20  # parquet read buffer (streamed, not the whole column chunk at once)
 TORCH_CHUNK_BYTES = 256 << 20  # GPU memory for one chunk of the (rows x k) distance matrix
+# Hamerly bounds are kept loose by float32 rounding: squared distances from the BLAS expansion
+# |x|^2 - 2 x.c + |c|^2 carry an absolute error of a few ulps of |x|^2 + |c|^2.
+BOUND_SQ_TOL = 1e-5  # relative to |x|^2 + max |c|^2, added to (taken off) a squared upper (lower) bound
+BOUND_REL_TOL = 1e-6  # relative slack on exactly recomputed distances
 
 
 @dataclass
@@ -47,6 +56,7 @@ class KMeansConfig:
     num_gpus_per_actor: float = 0
     init: str = "kmeans++"  # "kmeans++" on init_sample rows, or "random": k seeded rows (faiss.Kmeans' own init)
     init_sample: int = 100_000  # rows used for k-means++ init
+    bounds: bool = True  # CPU shards skip rows whose nearest centroid cannot have changed (same result)
 
     def validate(self, n_rows: int) -> None:
         """Raise UserError naming the fix for a config that cannot cluster ``n_rows`` points."""
@@ -108,6 +118,13 @@ class FaissCpuBackend:
 
         sq, labels = faiss.knn(x, centroids, 1)
         return labels.ravel(), np.maximum(sq.ravel(), 0)
+
+    def search2(self, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The two nearest centroids of each row: ``labels int64[n, 2], sq_dists float32[n, 2]`` (k >= 2)."""
+        import faiss
+
+        sq, labels = faiss.knn(x, centroids, 2)
+        return labels, np.maximum(sq, 0)
 
 
 class FaissGpuBackend(FaissCpuBackend):
@@ -221,6 +238,86 @@ def assign(x, centroids: np.ndarray, backend: AssignBackend | None = None) -> tu
     """
     backend = backend or FaissCpuBackend()
     return backend.search(x, np.ascontiguousarray(centroids, dtype=np.float32))
+
+
+@dataclass
+class Bounds:
+    """Hamerly's bounds for the rows of one shard, valid for ``centroids``: each row's nearest
+    centroid ``labels``, an ``upper`` bound on its distance to it and a ``lower`` bound on its distance
+    to every other centroid (float64, plain - not squared - distances)."""
+
+    labels: np.ndarray
+    upper: np.ndarray
+    lower: np.ndarray
+    centroids: np.ndarray
+
+
+def _half_gaps(centroids: np.ndarray) -> np.ndarray:
+    """Half the distance from each centroid to its nearest other one (inf when k == 1)."""
+    c = centroids.astype(np.float64)
+    sq = np.einsum("ij,ij->i", c, c)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * c @ c.T, 0)
+    np.fill_diagonal(d2, np.inf)
+    return 0.5 * np.sqrt(d2.min(axis=1)) * (1 - BOUND_REL_TOL) if len(c) > 1 else np.full(1, np.inf)
+
+
+def bounded_assign(x: np.ndarray, centroids: np.ndarray, prev: Bounds | None,
+                   search2: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> tuple[Bounds, int]:
+    """Nearest centroid of every row of ``x`` (float32), searching only the rows whose Hamerly bounds
+    (Hamerly 2010, "Making k-means even faster") leave the answer open: ``(bounds, rows searched)``.
+
+    From ``prev`` (the bounds for the previous centroids), a row keeps its label when its upper bound,
+    grown by how far its centroid moved, stays below both its lower bound (shrunk by how far any other
+    centroid moved) and half the gap from its centroid to the nearest other one: by the triangle
+    inequality no other centroid can be nearer. Otherwise its distance to its own centroid is
+    recomputed exactly and the test repeated; rows still open get a full two-nearest search
+    (``search2``). Bounds carry a float32 rounding margin, so a skipped row is one a full search
+    would leave where it is; the labels are those of a full search (up to exact ties).
+    """
+    n, k = len(x), len(centroids)
+    cents = np.ascontiguousarray(centroids, dtype=np.float32)
+    c_sq_max = float(np.max(np.einsum("ij,ij->i", cents, cents))) if k else 0.0
+    if prev is None or prev.centroids.shape != cents.shape:
+        rows = np.arange(n)
+        labels, upper, lower = np.zeros(n, np.int64), np.zeros(n), np.full(n, np.inf)
+    else:
+        labels = prev.labels.copy()
+        delta = np.linalg.norm(cents.astype(np.float64) - prev.centroids, axis=1)
+        upper = prev.upper + delta[labels]
+        if k > 1:  # every other centroid moved at most the largest delta (the runner-up's, for the largest's own rows)
+            first, second = np.argsort(delta)[::-1][:2]
+            lower = prev.lower - np.where(labels == first, delta[second], delta[first])
+        else:
+            lower = prev.lower
+        bound = np.maximum(lower, _half_gaps(cents)[labels])
+        open_rows = np.flatnonzero(upper > bound)
+        if len(open_rows):  # tighten the upper bound to the exact distance, then test again
+            diff = x[open_rows] - cents[labels[open_rows]]
+            exact = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)) * (1 + BOUND_REL_TOL)
+            upper[open_rows] = exact
+            open_rows = open_rows[exact > bound[open_rows]]
+        rows = open_rows
+    if len(rows):
+        xr = x[rows] if len(rows) < n else x
+        x_sq = np.einsum("ij,ij->i", xr, xr, dtype=np.float64)
+        tol = BOUND_SQ_TOL * (x_sq + c_sq_max)
+        if k > 1:
+            idx, sq = search2(np.ascontiguousarray(xr), cents)
+            labels[rows] = idx[:, 0]
+            upper[rows] = np.sqrt(sq[:, 0].astype(np.float64) + tol)
+            lower[rows] = np.sqrt(np.maximum(sq[:, 1].astype(np.float64) - tol, 0))
+        else:
+            labels[rows] = 0
+            diff = xr - cents[0]
+            upper[rows] = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)) * (1 + BOUND_REL_TOL)
+    return Bounds(labels, upper, lower, cents.astype(np.float64)), len(rows)
+
+
+def objective_from_sums(x_sq_total: float, centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> float:
+    """Sum over rows of ``|x - c_label|^2`` from per-cluster sums: ``sum|x|^2 - 2 sum_j c_j.S_j + sum_j n_j |c_j|^2``
+    (float64; what a full search's distances add up to, without them)."""
+    c = centroids.astype(np.float64)
+    return float(x_sq_total - 2 * np.einsum("ij,ij->", c, sums) + np.dot(counts, np.einsum("ij,ij->i", c, c)))
 
 
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -409,7 +506,7 @@ def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 class ShardWorker:
     """Holds one group of parquet files in memory and runs the Lloyd step on it (a Ray actor)."""
 
-    def __init__(self, paths: list[str], use_gpu: bool = False, threads: int = 1):
+    def __init__(self, paths: list[str], use_gpu: bool = False, threads: int = 1, bounds: bool = True):
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
@@ -420,10 +517,17 @@ class ShardWorker:
         self.xq = self.backend.put(self.x)
         self.labels: np.ndarray | None = None  # the last step's assignment and its sums
         self.sums: np.ndarray | None = None
+        self.bounded = bounds and isinstance(self.backend, FaissCpuBackend) and not isinstance(self.backend, FaissGpuBackend)
+        self.bounds: Bounds | None = None  # Hamerly bounds after the last step (bounded mode)
+        self.x_sq_total = float(np.einsum("ij,ij->", self.x, self.x, dtype=np.float64)) if self.bounded else 0.0
+        self.searched = 0  # rows searched in full, over all steps
 
     def info(self) -> tuple[int, str, float]:
         """Rows held, assignment backend, seconds spent reading the shard."""
         return len(self.ids), self.backend.name, self.read_seconds
+
+    def rows_searched(self) -> int:
+        return self.searched
 
     def smallest_keys(self, seed: int, m: int) -> np.ndarray:
         return _smallest(sample_keys(self.ids, seed), m)
@@ -434,12 +538,20 @@ class ShardWorker:
     def step(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
         """One Lloyd step on the shard: ``sums, counts, objective`` and the seconds it computed."""
         t0 = time.perf_counter()
-        labels, sq = assign(self.xq, centroids, self.backend)
         k = len(centroids)
+        if self.bounded:
+            self.bounds, searched = bounded_assign(self.x, centroids, self.bounds, self.backend.search2)
+            labels, sq = self.bounds.labels, None
+        else:
+            labels, sq = assign(self.xq, centroids, self.backend)
+            searched = len(labels)
+        self.searched += searched
         prev = None if self.labels is None else (self.labels, self.sums)
         self.labels, self.sums = labels, running_sums(self.x, labels, k, prev)
         counts = np.bincount(labels, minlength=k).astype(np.int64)
-        return self.sums, counts, float(np.sum(sq, dtype=np.float64)), time.perf_counter() - t0
+        objective = objective_from_sums(self.x_sq_total, centroids, self.sums, counts) if sq is None else \
+            float(np.sum(sq, dtype=np.float64))
+        return self.sums, counts, objective, time.perf_counter() - t0
 
     def final_assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels, sq = assign(self.xq, centroids, self.backend)
@@ -545,7 +657,7 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     groups = np.array_split(np.array([str(f) for f in files], dtype=object), min(cfg.num_actors, len(files)))
     _check_resources(len(groups), cfg)
     worker = ray.remote(ShardWorker).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
-    actors = [worker.remote(list(g), cfg.num_gpus_per_actor > 0, int(cfg.num_cpus_per_actor)) for g in groups]
+    actors = [worker.remote(list(g), cfg.num_gpus_per_actor > 0, int(cfg.num_cpus_per_actor), cfg.bounds) for g in groups]
     try:
         # queued behind each actor's start-up: one wait covers start, shard reads and the init keys
         info_refs = [a.info.remote() for a in actors]
@@ -562,6 +674,7 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
         times.append(time.perf_counter())
         ref = ray.put(centroids)
         parts = ray.get([a.final_assign.remote(ref) for a in actors])
+        searched = sum(ray.get([a.rows_searched.remote() for a in actors]))
     finally:
         for a in actors:
             ray.kill(a)
@@ -578,6 +691,7 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     phases = dict(zip(("load", "init", "iterations", "final_assign"), np.diff(times).round(3).tolist()))
     phases["shard_read"] = round(max(i[2] for i in infos), 3)  # part of load
     phases["iteration_compute"] = round(compute, 3)  # part of iterations
+    phases["rows_searched_fraction"] = round(searched / (n * cfg.niter), 4)  # < 1: bounds skipped the rest
     seconds = times[-1] - times[0]
     log.info("k-means %d x %d, k=%d on %d actors (%s) in %.2fs: %s", n, d, cfg.k, len(actors), backend, seconds, phases)
     doc = {**meta, "objective": objective, "final_objective": float(np.sum(sq, dtype=np.float64)), "backend": backend,
@@ -631,7 +745,7 @@ def load_assignments(out_dir: str | Path) -> pa.Table:
 
 
 __all__ = [
-    "FaissCpuBackend", "FaissGpuBackend", "KMeansConfig", "KMeansResult", "ShardWorker", "TorchBackend", "assign",
+    "Bounds", "FaissCpuBackend", "FaissGpuBackend", "bounded_assign", "objective_from_sums", "KMeansConfig", "KMeansResult", "ShardWorker", "TorchBackend", "assign",
     "cluster_sums", "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_plus_plus", "kmeans_single",
     "load_assignments", "moved_sums", "partial_sums", "probe_backend", "read_shard", "running_sums", "sample_keys",
     "update_centroids",

@@ -18,6 +18,7 @@ from dp4tl_ray.kmeans import (
     ShardWorker,
     TorchBackend,
     assign,
+    bounded_assign,
     cluster_sums,
     init_centroids,
     kmeans_distributed,
@@ -25,6 +26,7 @@ from dp4tl_ray.kmeans import (
     kmeans_single,
     load_assignments,
     moved_sums,
+    objective_from_sums,
     partial_sums,
     sample_keys,
     update_centroids,
@@ -134,20 +136,59 @@ def test_moved_sums_match_a_recount():
     assert np.array_equal(moved_sums(sums, x, new, new), sums)
 
 
-def test_shard_worker_steps_match_full_lloyd_steps(tmp_path):
-    """The worker's running sums (recounted, then moved) give the same centroids as fresh sums each step."""
+@pytest.mark.parametrize("bounds", [False, True])
+def test_shard_worker_steps_match_full_lloyd_steps(tmp_path, bounds):
+    """The worker's running sums (recounted, then moved) give the same centroids as fresh sums each step;
+    with Hamerly bounds it searches fewer rows and still lands every row where a full search does."""
     x, _ = planted(2000)
     write_store(tmp_path, x, files=1)
-    worker = ShardWorker([str(tmp_path / "part-00000.parquet")])
+    worker = ShardWorker([str(tmp_path / "part-00000.parquet")], bounds=bounds)
+    assert worker.bounded == bounds
     cents = cents_ref = init_centroids(worker.x[:K], KMeansConfig(k=K, init="random"))
     for _ in range(4):
         sums, counts, obj, _ = worker.step(cents)
         labels, sq = assign(worker.x, cents_ref)
         ref_sums, ref_counts, ref_obj = partial_sums(worker.x, labels, sq, K)
-        assert np.array_equal(counts, ref_counts) and obj == ref_obj
+        assert np.array_equal(counts, ref_counts)
+        if bounds:  # the objective comes from the sums (no per-row distances): equal up to rounding
+            assert np.array_equal(worker.labels, labels) and obj == pytest.approx(ref_obj, rel=1e-5)
+        else:
+            assert obj == ref_obj
         assert np.allclose(sums, ref_sums, rtol=1e-12, atol=1e-10)
         cents = update_centroids(sums, counts, cents, False, np.random.default_rng(0))
         cents_ref = update_centroids(ref_sums, ref_counts, cents_ref, False, np.random.default_rng(0))
+
+
+    if bounds:
+        assert worker.rows_searched() < 4 * len(x)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8, 40])
+def test_bounded_assign_gives_the_full_search_labels_at_every_lloyd_step(k):
+    rng = np.random.default_rng(k)
+    centres = rng.standard_normal((12, 16)).astype(np.float32)
+    x = (centres[rng.integers(0, 12, 4000)] + 0.6 * rng.standard_normal((4000, 16))).astype(np.float32)
+    cents, bounds, searched = x[:k].copy(), None, []
+    for _ in range(12):
+        bounds, n = bounded_assign(x, cents, bounds, FaissCpuBackend().search2)
+        labels, sq = assign(x, cents)
+        assert np.array_equal(bounds.labels, labels)
+        dist = np.sqrt(sq.astype(np.float64))
+        assert (bounds.upper >= dist * (1 - 1e-6)).all()  # bounds hold
+        searched.append(n)
+        sums, counts, _ = partial_sums(x, labels, sq, k)
+        cents = update_centroids(sums, counts, cents, False, rng)
+    assert searched[0] == len(x) and searched[-1] < len(x) // 2  # settled centroids: most rows skipped
+
+
+def test_objective_from_sums_is_the_sum_of_squared_distances():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5000, 24)).astype(np.float32)
+    cents = x[:7].copy()
+    labels, sq = assign(x, cents)
+    sums, counts, obj = partial_sums(x, labels, sq, 7)
+    x_sq = float(np.einsum("ij,ij->", x, x, dtype=np.float64))
+    assert objective_from_sums(x_sq, cents, sums, counts) == pytest.approx(obj, rel=1e-6)
 
 
 def test_random_init_is_k_seeded_rows():
