@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
     cfgs = [KMeansConfig(k=args.k, niter=args.niter, seed=args.seed, num_actors=args.actors, init=init,
-                         init_sample=args.init_sample, num_gpus_per_actor=args.gpus_per_actor, bounds=not args.no_bounds) for init in (INITS if args.init == "both" else (args.init,))]
+                         init_sample=args.init_sample, num_gpus_per_actor=args.gpus_per_actor, bounds=not args.no_bounds)
+            for init in (INITS if args.init == "both" else (args.init,))]
     threads = args.faiss_threads or args.actors
     rows = []
 

@@ -261,6 +261,13 @@ def _half_gaps(centroids: np.ndarray) -> np.ndarray:
     return 0.5 * np.sqrt(d2.min(axis=1)) * (1 - BOUND_REL_TOL) if len(c) > 1 else np.full(1, np.inf)
 
 
+def _own_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Exact distance of each row of ``x`` to the centroid given for it (``centroids`` row-aligned or one
+    row), float64, with ``BOUND_REL_TOL`` slack upwards: a valid upper bound."""
+    diff = x - centroids
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)) * (1 + BOUND_REL_TOL)
+
+
 def bounded_assign(x: np.ndarray, centroids: np.ndarray, prev: Bounds | None,
                    search2: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> tuple[Bounds, int]:
     """Nearest centroid of every row of ``x`` (float32), searching only the rows whose Hamerly bounds
@@ -276,7 +283,7 @@ def bounded_assign(x: np.ndarray, centroids: np.ndarray, prev: Bounds | None,
     """
     n, k = len(x), len(centroids)
     cents = np.ascontiguousarray(centroids, dtype=np.float32)
-    c_sq_max = float(np.max(np.einsum("ij,ij->i", cents, cents))) if k else 0.0
+    c_sq_max = float(np.max(np.einsum("ij,ij->i", cents, cents)))
     if prev is None or prev.centroids.shape != cents.shape:
         rows = np.arange(n)
         labels, upper, lower = np.zeros(n, np.int64), np.zeros(n), np.full(n, np.inf)
@@ -292,24 +299,21 @@ def bounded_assign(x: np.ndarray, centroids: np.ndarray, prev: Bounds | None,
         bound = np.maximum(lower, _half_gaps(cents)[labels])
         open_rows = np.flatnonzero(upper > bound)
         if len(open_rows):  # tighten the upper bound to the exact distance, then test again
-            diff = x[open_rows] - cents[labels[open_rows]]
-            exact = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)) * (1 + BOUND_REL_TOL)
+            exact = _own_distances(x[open_rows], cents[labels[open_rows]])
             upper[open_rows] = exact
             open_rows = open_rows[exact > bound[open_rows]]
         rows = open_rows
     if len(rows):
         xr = x[rows] if len(rows) < n else x
-        x_sq = np.einsum("ij,ij->i", xr, xr, dtype=np.float64)
-        tol = BOUND_SQ_TOL * (x_sq + c_sq_max)
         if k > 1:
             idx, sq = search2(np.ascontiguousarray(xr), cents)
+            tol = BOUND_SQ_TOL * (np.einsum("ij,ij->i", xr, xr, dtype=np.float64) + c_sq_max)
             labels[rows] = idx[:, 0]
             upper[rows] = np.sqrt(sq[:, 0].astype(np.float64) + tol)
             lower[rows] = np.sqrt(np.maximum(sq[:, 1].astype(np.float64) - tol, 0))
-        else:
+        else:  # one centroid: every row is its; the lower bound stays inf
             labels[rows] = 0
-            diff = xr - cents[0]
-            upper[rows] = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64)) * (1 + BOUND_REL_TOL)
+            upper[rows] = _own_distances(xr, cents[:1])
     return Bounds(labels, upper, lower, cents.astype(np.float64)), len(rows)
 
 
@@ -517,7 +521,7 @@ class ShardWorker:
         self.xq = self.backend.put(self.x)
         self.labels: np.ndarray | None = None  # the last step's assignment and its sums
         self.sums: np.ndarray | None = None
-        self.bounded = bounds and isinstance(self.backend, FaissCpuBackend) and not isinstance(self.backend, FaissGpuBackend)
+        self.bounded = bounds and type(self.backend) is FaissCpuBackend  # GPU backends search in full: cheap there
         self.bounds: Bounds | None = None  # Hamerly bounds after the last step (bounded mode)
         self.x_sq_total = float(np.einsum("ij,ij->", self.x, self.x, dtype=np.float64)) if self.bounded else 0.0
         self.searched = 0  # rows searched in full, over all steps
@@ -745,8 +749,8 @@ def load_assignments(out_dir: str | Path) -> pa.Table:
 
 
 __all__ = [
-    "Bounds", "FaissCpuBackend", "FaissGpuBackend", "bounded_assign", "objective_from_sums", "KMeansConfig", "KMeansResult", "ShardWorker", "TorchBackend", "assign",
-    "cluster_sums", "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_plus_plus", "kmeans_single",
-    "load_assignments", "moved_sums", "partial_sums", "probe_backend", "read_shard", "running_sums", "sample_keys",
+    "Bounds", "FaissCpuBackend", "FaissGpuBackend", "KMeansConfig", "KMeansResult", "ShardWorker", "TorchBackend", "assign",
+    "bounded_assign", "cluster_sums", "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_plus_plus", "kmeans_single",
+    "load_assignments", "moved_sums", "objective_from_sums", "partial_sums", "probe_backend", "read_shard", "running_sums", "sample_keys",
     "update_centroids",
 ]

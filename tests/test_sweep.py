@@ -81,7 +81,7 @@ def test_gpu_smoke_config_puts_every_stage_on_the_gpu():
     plan = load_plan(REPO / "jobs" / "configs" / "gpu-smoke.yaml")
     assert plan.surrogate["use_gpu"] and plan.pretrain["use_gpu"] and plan.evaluate["use_gpu"]
     select = SelectConfig(method="fm", ratio=0.8, source_features="-", downstream_features=["-"],
-                          **{k: v for k, v in plan.select.items()})
+                          **plan.select)
     store = FeatureStore(Path("-"), {"classes": [f"c{i}" for i in range(40)]})
     kcfg = kmeans_config(select, store)
     assert kcfg.num_gpus_per_actor == 0.5 and kcfg.num_actors == 2 and kcfg.k == 40
