@@ -63,19 +63,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         raise UserError(f"{where}: {e}") from None
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Dataclass -> plain dict (paths as strings), suitable for YAML/JSON."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-    return plain(dataclasses.asdict(obj))
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a non-mapping is a one-line error."""
     path = Path(path)

@@ -96,12 +96,6 @@ class KeepSet:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
-    def fraction_of(self, images_total: int) -> float:
-        """Fraction of ``images_total`` source images that this keep-set keeps."""
-        if images_total < 1:
-            raise UserError(f"images_total must be positive, got {images_total}")
-        return len(self) / images_total
-
     def write(self, path: str | os.PathLike) -> Path:
         """Write the directory atomically (temp sibling, then rename); records the ids' sha256 in meta."""
         path = Path(path)
