@@ -1,4 +1,4 @@
-"""K-means: the pure Lloyd step (no Ray), then the Ray-distributed run on a small planted FeatureStore."""
+"""K-means: the pure Lloyd step and in-process shards (no Ray), then the Ray-distributed run on a small planted FeatureStore."""
 
 from __future__ import annotations
 
@@ -14,20 +14,24 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.features import FeatureStore, feature_table
 from dp4tl_ray.kmeans import (
     FaissCpuBackend,
+    FaissGpuBackend,
     KMeansConfig,
+    LocalShards,
+    Shard,
     ShardWorker,
     TorchBackend,
     assign,
     bounded_assign,
     cluster_sums,
+    file_groups,
     init_centroids,
     kmeans_distributed,
+    kmeans_on_shards,
     kmeans_plus_plus,
     kmeans_single,
     load_assignments,
     moved_sums,
     objective_from_sums,
-    partial_sums,
     sample_keys,
     update_centroids,
 )
@@ -72,7 +76,7 @@ def test_empty_clusters_are_reseeded_by_splitting_the_largest():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 4)).astype(np.float32)
     labels = np.zeros(300, np.int64)  # everything in cluster 0: clusters 1..4 are empty
-    sums, counts, _ = partial_sums(x, labels, np.zeros(300), 5)
+    sums, counts = cluster_sums(x, labels, 5), np.bincount(labels, minlength=5)
     cents = update_centroids(sums, counts, np.zeros((5, 4), np.float32), False, rng)
     assert np.isfinite(cents).all()
     assert len(np.unique(cents, axis=0)) == 5
@@ -83,7 +87,7 @@ def test_empty_clusters_are_reseeded_by_splitting_the_largest():
 def test_spherical_centroids_have_unit_norm():
     x, _ = planted(500)
     labels, sq = assign(x, x[:K])
-    cents = update_centroids(*partial_sums(x, labels, sq, K)[:2], x[:K], True, np.random.default_rng(0))
+    cents = update_centroids(cluster_sums(x, labels, K), np.bincount(labels, minlength=K), x[:K], True, np.random.default_rng(0))
     assert np.allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-6)
 
 
@@ -100,11 +104,15 @@ def test_kmeans_plus_plus_seeds_one_centroid_per_planted_cluster():
     assert adjusted_rand(labels, truth) > 0.99
 
 
-def test_partial_sums_over_shards_add_up_to_the_whole():
+def test_shard_steps_over_a_split_add_up_to_the_whole():
     x, _ = planted(1000)
-    labels, sq = assign(x, x[:K], FaissCpuBackend())
-    whole = partial_sums(x, labels, sq, K)
-    parts = [partial_sums(x[s], labels[s], sq[s], K) for s in (slice(0, 400), slice(400, None))]
+    ids = np.arange(len(x))
+
+    def step(rows: slice) -> tuple:  # one Lloyd step's sums, counts, objective on a shard holding ``rows``
+        return Shard(ids[rows], x[rows], FaissCpuBackend(), bounds=False).step(x[:K])
+
+    whole = step(slice(None))
+    parts = [step(s) for s in (slice(0, 400), slice(400, None))]
     assert np.allclose(parts[0][0] + parts[1][0], whole[0], rtol=1e-12, atol=1e-9)
     assert np.array_equal(parts[0][1] + parts[1][1], whole[1])
     assert parts[0][2] + parts[1][2] == pytest.approx(whole[2], rel=1e-12)
@@ -148,7 +156,7 @@ def test_shard_worker_steps_match_full_lloyd_steps(tmp_path, bounds):
     for _ in range(4):
         sums, counts, obj, _ = worker.step(cents)
         labels, sq = assign(worker.x, cents_ref)
-        ref_sums, ref_counts, ref_obj = partial_sums(worker.x, labels, sq, K)
+        ref_sums, ref_counts, ref_obj = cluster_sums(worker.x, labels, K), np.bincount(labels, minlength=K), float(np.sum(sq, dtype=np.float64))
         assert np.array_equal(counts, ref_counts)
         if bounds:  # the objective comes from the sums (no per-row distances): equal up to rounding
             assert np.array_equal(worker.labels, labels) and obj == pytest.approx(ref_obj, rel=1e-5)
@@ -176,7 +184,7 @@ def test_bounded_assign_gives_the_full_search_labels_at_every_lloyd_step(k):
         dist = np.sqrt(sq.astype(np.float64))
         assert (bounds.upper >= dist * (1 - 1e-6)).all()  # bounds hold
         searched.append(n)
-        sums, counts, _ = partial_sums(x, labels, sq, k)
+        sums, counts = cluster_sums(x, labels, k), np.bincount(labels, minlength=k)
         cents = update_centroids(sums, counts, cents, False, rng)
     assert searched[0] == len(x) and searched[-1] < len(x) // 2  # settled centroids: most rows skipped
 
@@ -186,7 +194,7 @@ def test_objective_from_sums_is_the_sum_of_squared_distances():
     x = rng.standard_normal((5000, 24)).astype(np.float32)
     cents = x[:7].copy()
     labels, sq = assign(x, cents)
-    sums, counts, obj = partial_sums(x, labels, sq, 7)
+    sums, counts, obj = cluster_sums(x, labels, 7), np.bincount(labels, minlength=7), float(np.sum(sq, dtype=np.float64))
     x_sq = float(np.einsum("ij,ij->", x, x, dtype=np.float64))
     assert objective_from_sums(x_sq, cents, sums, counts) == pytest.approx(obj, rel=1e-6)
 
@@ -214,6 +222,14 @@ def test_torch_chunked_assignment_matches_faiss():
     ref_labels, ref_sq = assign(x, x[:K], FaissCpuBackend())
     assert np.array_equal(labels, ref_labels)
     assert np.allclose(sq, ref_sq, atol=1e-5)
+
+
+def test_shards_keep_bounds_only_with_a_backend_that_declares_bounded_search():
+    x, _ = planted(200)
+    ids = np.arange(len(x))
+    assert Shard(ids, x, FaissCpuBackend()).bounded and not Shard(ids, x, FaissCpuBackend(), bounds=False).bounded
+    assert not Shard(ids, x, TorchBackend("cpu")).bounded
+    assert not FaissGpuBackend.bounded_search  # a full search is cheap on a GPU
 
 
 def test_sample_keys_are_distinct_and_seeded():
@@ -261,6 +277,18 @@ def test_distributed_matches_single_process_faiss(planted_run):
     assert res.objective[-1] == pytest.approx(ref.objective[-1], rel=0.01)
     assert res.backend == "faiss-cpu"
     assert len(res.objective) == cfg.niter
+
+
+@pytest.mark.ray
+def test_driver_over_in_process_shards_matches_the_ray_actors(planted_run):
+    """The one Lloyd driver over the same file groups held in this process (no Ray) and by the shard actors."""
+    x, _, store, cfg, res, _ = planted_run
+    shards = LocalShards([ShardWorker(g) for g in file_groups(FeatureStore.open(store).files, cfg.num_actors)])
+    run = kmeans_on_shards(shards, cfg, len(x))
+    table = load_assignments(res.out_dir)
+    assert np.array_equal(run.centroids, res.centroids) and run.objective == res.objective
+    assert np.array_equal(run.ids, table.column("id").to_numpy())
+    assert np.array_equal(run.labels, table.column("cluster").to_numpy())
 
 
 @pytest.mark.ray
