@@ -29,7 +29,7 @@ from dp4tl_ray.data.imagefolder import FolderIndex, scan_image_folder  # noqa: E
 from dp4tl_ray.data.synthetic import SynthConfig, generate  # noqa: E402
 from dp4tl_ray.features import ExtractConfig, extract_features
 from dp4tl_ray.featurestore import feature_table  # noqa: E402
-from dp4tl_ray.models import ModelSpec, build_model  # noqa: E402
+from dp4tl_ray.models import ModelSpec, build_model, to_model_input  # noqa: E402
 
 
 class _Images(torch.utils.data.Dataset):
@@ -54,7 +54,7 @@ def plain_loop(index: FolderIndex, spec: ModelSpec, decode: DecodeSpec, batch: i
     tables = []
     with torch.inference_mode():
         for ids, labels, images in loader:
-            x = images.permute(0, 3, 1, 2).float().div_(255)
+            x = to_model_input(images)
             f = model.features(x)
             top_logit, top_idx = model.net.fc(f).topk(5, dim=1)
             f = torch.nn.functional.normalize(f, dim=1)

@@ -38,10 +38,11 @@ import torch  # noqa: E402
 from dp4tl_ray.data.decode import DecodeSpec, decode_image  # noqa: E402
 from dp4tl_ray.data.imagefolder import scan_image_folder  # noqa: E402
 from dp4tl_ray.data.synthetic import SynthConfig, generate  # noqa: E402
-from dp4tl_ray.models import ModelSpec, build_model  # noqa: E402
+from dp4tl_ray.data.transforms import augment_batch  # noqa: E402
+from dp4tl_ray.models import ModelSpec, build_model, to_model_input  # noqa: E402
 from dp4tl_ray.select.baselines import random_by_class  # noqa: E402
 from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta  # noqa: E402
-from dp4tl_ray.train.trainer import PretrainConfig, augment_batch, pretrain, use_decode_cache  # noqa: E402
+from dp4tl_ray.train.trainer import PretrainConfig, pretrain, use_decode_cache  # noqa: E402
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -89,8 +90,7 @@ def plain_images_per_s(index, cfg: PretrainConfig, threads: int, data_workers: i
     for _ in range(cfg.epochs):
         t0, cpu0, n = time.perf_counter(), time.process_time(), 0
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
+            x, y = to_model_input(x, device, non_blocking=True, channels_last=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.use_gpu):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()

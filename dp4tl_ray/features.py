@@ -58,10 +58,10 @@ class SurrogateEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         torch = self.torch
-        x = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        from dp4tl_ray.models import to_model_input
+
+        x = to_model_input(torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])), self.device,
+                           non_blocking=True, channels_last=self.device.type == "cuda")
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             feats = self.model.features(x)
             logits = self.model.net.fc(feats)

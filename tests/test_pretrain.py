@@ -18,7 +18,7 @@ from dp4tl_ray.data.imagefolder import scan_image_folder
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import load_backbone
 from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta, keep_ids_for_units
-from dp4tl_ray.train.loops import STATE_FILE
+from dp4tl_ray.train.checkpoints import STATE_FILE
 from dp4tl_ray.train.trainer import PretrainConfig, pretrain
 
 pytestmark = pytest.mark.ray

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from dp4tl_ray.data.transforms import _GaussianBlur, finetune_augment, moco_v2_augment, supervised_augment
+import dp4tl_ray
+from dp4tl_ray.data.transforms import _GaussianBlur, augment_batch, finetune_augment, moco_v2_augment, supervised_augment
 
 
 def _batch(n: int = 6, side: int = 40) -> dict[str, np.ndarray]:
@@ -84,3 +90,22 @@ def test_finetune_augment_is_the_supervised_recipe():
 def test_separable_blur_matches_torchvision_gaussian_blur():
     img = torch.rand(3, 32, 32, generator=_gen(0))
     torch.testing.assert_close(_GaussianBlur(7, (1.3, 1.3))(img), TF.gaussian_blur(img, [7, 7], [1.3, 1.3]))
+
+
+def test_augment_batch_gives_each_mode_its_recipe():
+    moco = augment_batch(_batch(), mode="moco_v2", size=24, scale=(0.5, 1.0))
+    assert set(moco) == {"id", "label", "q", "k"} and moco["q"].shape == (6, 24, 24, 3)
+    for mode in ("supervised", "adversarial"):
+        out = augment_batch(_batch(), mode=mode, size=20, scale=(0.5, 1.0))
+        assert set(out) == {"id", "label", "image"} and out["image"].shape == (6, 20, 20, 3)
+
+
+def test_importing_the_augmentations_does_not_import_torch():
+    # Ray pickles augment_batch into the dataset plan by reference; the processes that only hold
+    # the plan import this module to unpickle it and must not pay for torch and torchvision.
+    root = str(Path(dp4tl_ray.__file__).resolve().parents[1])
+    code = ("import sys, dp4tl_ray.data.transforms; "
+            "sys.exit(sorted(m for m in ('torch', 'torchvision') if m in sys.modules) or None)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -6,17 +6,25 @@ fresh seed from the OS per call, so batches differ across tasks, workers and epo
 global RNG starts from the same seed in every process, so it must not be relied on); tests pass a
 seeded ``torch.Generator``. Do not pass a generator through ``map_batches(fn_kwargs=...)``: it
 would be pickled and replay the same stream in every task.
+
+torch and torchvision are imported inside the functions that use them: Ray pickles
+:func:`augment_batch` into the dataset plan by reference to this module, and the processes that
+only hold the plan (Ray Train's dataset manager, the split coordinator) import the module to
+unpickle it; they need not import torch and torchvision (several seconds each on a busy machine).
+Only the tasks that augment do.
 """
 
 from __future__ import annotations
 
 import secrets
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
 
 SUPERVISED_CROP_SCALE = (0.08, 1.0)  # torchvision / ImageNet RandomResizedCrop default
 
@@ -30,15 +38,17 @@ MOCO_V2_BLUR_P = 0.5
 BLUR_KERNEL_FRACTION = 0.1  # kernel ~10% of the crop side, made odd (SimCLR's choice)
 
 
-class _GaussianBlur(torch.nn.Module):
+class _GaussianBlur:
     """Gaussian blur of a float CHW image, sigma uniform in ``sigma`` per call. Separable, so several
     times cheaper than torchvision's 2-D kernel at 224 px; reflect padding, as torchvision."""
 
     def __init__(self, kernel_size: int, sigma: tuple[float, float]):
-        super().__init__()
         self.half, self.sigma = kernel_size // 2, sigma
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         sigma = float(torch.empty(1).uniform_(*self.sigma))
         taps = torch.exp(-0.5 * (torch.arange(-self.half, self.half + 1, dtype=img.dtype) / sigma) ** 2)
         taps = (taps / taps.sum()).expand(img.shape[0], 1, -1)
@@ -48,16 +58,21 @@ class _GaussianBlur(torch.nn.Module):
 
 
 def _to_uint8(img: torch.Tensor) -> torch.Tensor:
-    return img.mul(255).round_().to(torch.uint8)
+    return img.mul(255).round_().byte()
 
 
 @lru_cache(maxsize=None)
 def _supervised_pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
 
 
 @lru_cache(maxsize=None)
 def _moco_v2_pipeline(size: int) -> v2.Compose:
+    import torch
+    from torchvision.transforms import v2
+
     kernel = int(BLUR_KERNEL_FRACTION * size) // 2 * 2 + 1
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=MOCO_V2_CROP_SCALE, antialias=True),
@@ -73,6 +88,8 @@ def _moco_v2_pipeline(size: int) -> v2.Compose:
 def _views(images: np.ndarray, pipeline: v2.Compose, size: int, n_views: int,
            generator: torch.Generator | None) -> list[np.ndarray]:
     """``n_views`` independently augmented copies of ``images`` (uint8 NHWC), each uint8[N, size, size, 3]."""
+    import torch
+
     if len(images) == 0:
         return [np.zeros((0, size, size, 3), np.uint8) for _ in range(n_views)]
     seed = secrets.randbits(63) if generator is None else int(torch.randint(2**63 - 1, (1,), generator=generator))
@@ -99,8 +116,17 @@ def moco_v2_augment(batch: dict[str, np.ndarray], size: int, generator: torch.Ge
     return {**{c: v for c, v in batch.items() if c != "image"}, "q": q, "k": k}
 
 
+def augment_batch(batch: dict[str, np.ndarray], *, mode: str, size: int, scale: tuple[float, float]) -> dict[str, np.ndarray]:
+    """A pretraining mode's augmentation of a decoded batch (fresh random draws every call): the Ray
+    Data stage's UDF on the streamed path, called by the worker itself on a cached keep-set.
+    ``moco_v2``: two MoCo v2 views; the other modes: RandomResizedCrop(``size``, ``scale``) + flip."""
+    if mode == "moco_v2":
+        return moco_v2_augment(batch, size)
+    return supervised_augment(batch, size, scale=scale)
+
+
 __all__ = [
     "BLUR_KERNEL_FRACTION", "MOCO_V2_BLUR_P", "MOCO_V2_BLUR_SIGMA", "MOCO_V2_CROP_SCALE", "MOCO_V2_GRAYSCALE_P",
-    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "SUPERVISED_CROP_SCALE", "finetune_augment", "moco_v2_augment",
+    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "SUPERVISED_CROP_SCALE", "augment_batch", "finetune_augment", "moco_v2_augment",
     "supervised_augment",
 ]

@@ -34,7 +34,7 @@ from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.pool import InferencePool
-from dp4tl_ray.models import ModelSpec, Surrogate, build_model
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model, to_model_input
 
 if TYPE_CHECKING:
     import ray.data
@@ -50,11 +50,6 @@ GRAD_CHUNK = 16  # samples whose full per-sample gradients are held at once (mem
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _images(image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``uint8[N, H, W, 3]`` -> ``float[N, 3, H, W]`` in [0, 1] on ``device``."""
-    return image.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def train_briefly(
@@ -81,7 +76,7 @@ def train_briefly(
             y = batch["label"].to(device, torch.long)
             if y.shape[0] < 2:  # BatchNorm cannot train on a single sample
                 continue
-            x = _images(batch["image"], device)
+            x = to_model_input(batch["image"], device, non_blocking=True)
             flip = (torch.rand(y.shape[0], generator=rng) < 0.5).to(device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             loss = F.cross_entropy(model(x), y)
@@ -145,7 +140,7 @@ class ScoreEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         image = np.require(batch["image"], requirements=["C", "W"])  # Ray batches are read-only: copy if so
-        x = _images(torch.from_numpy(image), self.device)
+        x = to_model_input(torch.from_numpy(image), self.device, non_blocking=True)
         y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
         el2ns, grands = zip(*(sample_scores(m, x, y, self.grand_params) for m in self.models))
         return {"id": np.asarray(batch["id"], dtype=np.int64), "el2n": _mean(el2ns), "grand": _mean(grands)}

@@ -29,7 +29,7 @@ from dp4tl_ray import atomic
 from dp4tl_ray.data.decode import DecodeSpec, decode_image
 from dp4tl_ray.data.imagefolder import FolderIndex, scan_image_folder
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_backbone
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_backbone, to_model_input
 
 MODES = ("lp", "ff")
 # The paper's downstream recipes: Adam, cosine schedule, batch 128; LP has no augmentation,
@@ -234,12 +234,6 @@ def _build_classifier(cfg: EvalConfig, num_classes: int) -> Surrogate:
     return model
 
 
-def _to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1]."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 class _Worker:
     """This worker's view of the run: rank, device, and the collectives that are no-ops on one worker."""
 
@@ -283,7 +277,7 @@ def _features(model: Surrogate, images: torch.Tensor, w: _Worker, batch_size: in
     out = []
     with torch.inference_mode(), w.autocast():
         for part in idx.split(batch_size):
-            out.append(model.features(_to_input(images[part.to(images.device)], w.cuda)).float())
+            out.append(model.features(to_model_input(images[part.to(images.device)], channels_last=w.cuda)).float())
     rows = torch.cat(out) if out else torch.empty(0, model.feature_dim, device=w.device)
     return w.gather_rows(idx, rows, len(images))
 
@@ -296,7 +290,7 @@ def _accuracy(model: Surrogate, split: tuple[torch.Tensor, torch.Tensor], w: _Wo
     with torch.inference_mode(), w.autocast():
         for part in w.shard(len(labels)).split(batch_size):
             part = part.to(images.device)
-            correct += (model(_to_input(images[part], w.cuda)).argmax(1) == labels[part]).sum().item()
+            correct += (model(to_model_input(images[part], channels_last=w.cuda)).argmax(1) == labels[part]).sum().item()
     total_correct, = w.sum([correct])
     return total_correct / len(labels)
 
@@ -324,7 +318,7 @@ def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tenso
         for idx in mine.split(cfg.batch_size):
             idx = idx.numpy()
             batch = finetune_augment({"image": images[idx]}, cfg.image_size, generator=aug_gen)["image"]
-            x = _to_input(torch.from_numpy(batch).to(w.device, non_blocking=True), w.cuda)
+            x = to_model_input(torch.from_numpy(batch), w.device, non_blocking=True, channels_last=w.cuda)
             y = torch.from_numpy(labels[idx]).to(w.device)
             with w.autocast():
                 loss = nn.functional.cross_entropy(ddp(x).float(), y)

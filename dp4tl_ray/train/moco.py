@@ -23,6 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import ModelSpec, Surrogate
 
+# The MoCo v2 defaults of facebookresearch/moco ``main_moco.py`` (--moco-dim, --moco-k, --moco-m,
+# --moco-t): the one place they are written (PretrainConfig's defaults are these). The rest of v2
+# is --mlp (the MLP head below, always on), --aug-plus (dp4tl_ray.data.transforms.MOCO_V2_*) and
+# --cos (the cosine LR schedule every pretraining mode uses).
 MOCO_DIM = 128  # output feature dimension
 MOCO_K = 65536  # queue size (number of negative keys)
 MOCO_M = 0.999  # key-encoder momentum

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.models import unwrap_ddp
 
 PGD_LINF_EPS = 3 / 255
 PGD_L2_EPS = 3.0
@@ -56,8 +56,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 
     """
     if norm not in NORMS:
         raise UserError(f"PGD norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    if isinstance(model, DistributedDataParallel):  # the attack needs no buffer broadcast or gradient sync
-        model = model.module
+    model = unwrap_ddp(model)  # the attack needs no buffer broadcast or gradient sync
     step_size = 2 * eps / steps if step_size is None else step_size
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

@@ -1,0 +1,28 @@
+"""One pretraining epoch without Ray: full batches only where asked, labels mapped to the kept classes."""
+
+from __future__ import annotations
+
+import torch
+
+from dp4tl_ray.models import ModelSpec, build_model
+from dp4tl_ray.train.loops import METHODS, train_one_epoch
+from dp4tl_ray.train.pretrain_config import PretrainConfig
+
+
+def _batches(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{"image": torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=gen),
+             "label": torch.tensor([3, 5] * n)[:n]} for n in sizes]
+
+
+def test_train_one_epoch_counts_images_and_skips_short_batches_only_with_drop_last(one_torch_thread):
+    cfg = PretrainConfig(source="s", out="o", arch="resnet18", small_input=True, batch_size=4)
+    remap = torch.tensor([-1, -1, -1, 0, -1, 1])  # source classes 3 and 5 are the kept ones
+    model = build_model(ModelSpec("resnet18", 2, small_input=True), seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for drop_last, expected in ((True, 8), (False, 10)):
+        before = model.net.fc.weight.detach().clone()
+        seen, loss_sum = train_one_epoch(model, METHODS["supervised"], opt, _batches([4, 4, 2]), remap, cfg,
+                                         torch.device("cpu"), drop_last)
+        assert seen == expected and 0 < loss_sum < float("inf")
+        assert not torch.equal(model.net.fc.weight, before)
