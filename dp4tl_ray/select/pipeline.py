@@ -182,7 +182,8 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.nda
                        images_kept=len(kept), images_total=len(ids), surrogate=source.manifest["surrogate"],
                        source_fingerprint=source.manifest["source_fingerprint"], downstream=[], seed=cfg.seed,
                        extra={**extra, "classes_with_images": classes_kept,
-                              "fraction_images_removed": 1 - len(kept) / len(ids)})
+                              "fraction_images_removed": 1 - len(kept) / len(ids)},
+                       source_features=str(source.path.resolve()))
     return kept, meta
 
 
@@ -202,11 +203,13 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray
     kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
     summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
     top = np.argsort(-votes, kind="stable")[:10]
-    extra = {**extra, "vote_topk": cfg.vote_topk, "fraction_images_removed": summary.fraction_images_removed,
+    extra = {**extra, "vote_topk": cfg.vote_topk, "runner_up_topk": cfg.runner_up_topk,
+             "fraction_images_removed": summary.fraction_images_removed,
              "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top]}
     meta = KeepSetMeta.from_summary(summary, method=cfg.method, ratio=cfg.ratio, surrogate=source.manifest["surrogate"],
                                     source_fingerprint=source.manifest["source_fingerprint"], downstream=list(tasks),
-                                    seed=cfg.seed, extra=extra)
+                                    seed=cfg.seed, extra=extra, source_features=str(source.path.resolve()),
+                                    downstream_features=[str(t.path.resolve()) for t in tasks.values()])
     return keep_ids_for_units(unit_of_row, ids, kept), meta
 
 
