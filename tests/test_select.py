@@ -62,6 +62,7 @@ def test_lm_and_fm_keep_the_planted_relevant_classes(world, method):
         kept = np.zeros(len(labels), bool)
         kept[ks.ids] = True
         assert kept[relevant_images].mean() >= 0.9
+        assert ks.meta.extra["diagnostics"][ks.meta.downstream[0]]["num_units"] == ks.meta.units_total
     else:
         assert len(_kept_classes(ks, labels) & relevant) >= 0.9 * len(relevant)
         assert ks.meta.units_kept == 12 and ks.meta.units_total == 24
@@ -82,6 +83,9 @@ def test_keepsets_are_reproducible_and_summarised(world):
     assert a.ids.tolist() == b.ids.tolist() and a.meta.sha256 == b.meta.sha256
     text = format_keepset_summary(a, "lm-a")
     assert "units kept 12/24" in text and "most voted" in text
+    diag = a.meta.extra["diagnostics"]
+    assert list(diag) == a.meta.downstream and diag["task_0"]["classes"] == 8 and diag["task_0"]["images"] == 96
+    assert "class agreement" in text and ("WARNING task_0: " in text) == diag["task_0"]["flagged"]
     soft = _select(world, "lm", name="lm-soft", vote_topk=3)
     assert soft.meta.extra["vote_topk"] == 3 and abs(sum(soft.meta.votes_per_unit) - world[3].num_rows) < 1e-6
 
