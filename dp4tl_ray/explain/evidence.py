@@ -189,11 +189,3 @@ def load_evidence(path: str | Path) -> Evidence:
     return Evidence(ks, path, source, tasks, names, ids, labels, unit_of_row, closeness, votes, runner_up, ranking,
                     units_kept)
 
-
-def vote_concentration(votes: np.ndarray) -> tuple[float, float]:
-    """``top share, normalised entropy`` of a vote distribution: near ``1, 0`` when one unit takes the
-    votes (an unreliable mapping: every image lands in the same "sink" unit), ``1/U, 1`` when spread."""
-    p = np.asarray(votes, np.float64) / np.sum(votes)
-    nz = p[p > 0]
-    entropy = float((nz * np.log(1 / nz)).sum() / np.log(len(p))) if len(p) > 1 else 0.0
-    return float(p.max()), entropy

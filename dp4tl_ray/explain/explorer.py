@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from dp4tl_ray import atomic
-from dp4tl_ray.explain.evidence import Evidence, load_evidence, vote_concentration
-from dp4tl_ray.explain.page import Thumb, UnitDetail, render_page
+from dp4tl_ray.explain.evidence import Evidence, load_evidence
+from dp4tl_ray.explain.page import TaskDiagnostics, Thumb, UnitDetail, render_page
 from dp4tl_ray.explain.summary import summary_png
 from dp4tl_ray.explain.thumbnails import thumbnails
 
@@ -22,22 +22,33 @@ def ranks_in_detail(num_units: int, units_kept: int, top: int, around_cut: int) 
     return sorted(set(range(min(top, num_units))) | set(near_cut))
 
 
-def selection_diagnostics(ev: Evidence) -> list[tuple[str, str, str]]:
-    """``(name, value, what it means)`` rows: how concentrated the votes are, and how much of each
-    task's votes the kept units hold."""
-    share, entropy = vote_concentration(ev.votes)
-    kept = ev.ranking[: ev.units_kept]
-    rows = [
-        ("top unit's vote share", f"{share:.1%}", f"{ev.unit_names[ev.ranking[0]]}; near 100% means one unit "
-         "draws every vote, a sign that the mapping is not telling the downstream classes apart"),
-        ("vote entropy", f"{entropy:.3f}", "of the votes over units, normalised to [0, 1]: 0 = one unit, "
-         "1 = spread evenly over all units"),
-        ("units with votes", f"{int((ev.votes > 0).sum())} of {ev.num_units}",
-         "units without a vote rank last and go first (ties by runner-up votes, then the seeded key)"),
-    ]
-    rows += [(f"task {t.name}: votes on kept units", f"{t.votes[kept].sum() / t.votes.sum():.1%}",
-              f"share of the votes of its {len(t.ids)} images that the kept units received") for t in ev.tasks]
-    return rows
+def selection_diagnostics(ev: Evidence) -> list[TaskDiagnostics]:
+    """Per task, the mapping diagnostics the keep-set recorded (:mod:`dp4tl_ray.select.diagnostics`), with
+    names for its units and classes, and how much of the task's votes the kept units hold."""
+    kept = set(ev.ranking[: ev.units_kept].tolist())
+    out = []
+    for t in ev.tasks:
+        d = ev.keepset.meta.extra.get("diagnostics", {}).get(t.name)
+        if d is None:
+            continue
+        classes = t.store.manifest["classes"]
+        figures = [
+            ("top unit's vote share", f"{d['top_unit_share']:.1%}", f"{ev.unit_names[d['top_unit']]}; near 100% means "
+             "one unit draws every vote: the mapping does not tell the downstream classes apart"),
+            ("vote entropy", f"{d['vote_entropy'] + 0.0:.3f}", "normalised to [0, 1]: 0 = every vote on one unit, "
+             "1 = spread as evenly as the images allow"),
+            ("effective units", f"{d['effective_units']:.1f}", "how many equally voted units the votes are worth"),
+            ("mean class agreement", f"{d['mean_class_agreement']:.1%}",
+             "per downstream class, the share of its votes on its majority unit, averaged"),
+            ("classes sharing one majority unit", f"{len(d['shared_majority_classes'])} of {d['classes']}",
+             f"the largest group, on {ev.unit_names[d['shared_majority_unit']]}"),
+            ("votes on kept units", f"{t.votes[sorted(kept)].sum() / t.votes.sum():.1%}",
+             f"share of the votes of its {len(t.ids)} images that the kept units received"),
+        ]
+        rows = [(classes[c["label"]], c["images"], ev.unit_names[c["modal_unit"]], c["agreement"], c["modal_unit"] in kept)
+                for c in d["per_class"]]
+        out.append(TaskDiagnostics(t.name, figures, list(d["warnings"]), rows))
+    return out
 
 
 def _captioned(ids: np.ndarray, all_ids: np.ndarray, labels: np.ndarray, classes: list[str],

@@ -27,7 +27,9 @@ tr.gap td { color: #999; text-align: center; font-style: italic; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 3px; max-width: 420px; }
 .thumbs img { width: 64px; height: 64px; border-radius: 3px; }
 .task { font-size: .85em; color: #555; margin: 2px 0; }
-.note { color: #666; font-size: .9em; } img.summary { max-width: 100%; border: 1px solid #e2e2e2; }
+.note { color: #666; font-size: .9em; } h3 { font-size: 1.05em; margin-bottom: .3em; }
+.warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: 6px 10px; margin: 4px 0; }
+.ok { color: #2d7d46; margin: 4px 0; } table.classes { margin-top: .4em; } img.summary { max-width: 100%; border: 1px solid #e2e2e2; }
 """
 
 
@@ -48,6 +50,17 @@ class UnitDetail:
     voters: dict[str, tuple[int, list[Thumb]]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TaskDiagnostics:
+    """One task's mapping diagnostics as shown: ``(name, value, meaning)`` figures, warnings, and per
+    downstream class ``(class, images, majority unit, agreement, unit kept)``."""
+
+    task: str
+    figures: list[tuple[str, str, str]]
+    warnings: list[str]
+    classes: list[tuple[str, int, str, float, bool]]
+
+
 def _thumbs(thumbs: list[Thumb]) -> str:
     return '<div class="thumbs">' + "".join(
         f'<span class="note" title="{escape(t.caption)}">(unreadable)</span>' if t.uri is None else
@@ -66,10 +79,24 @@ def _header(ev: Evidence) -> str:
             f"votes from each downstream image's top-{escape(str(m.extra.get('vote_topk', 1)))} units.</p>")
 
 
-def _diagnostics(rows: list[tuple[str, str, str]]) -> str:
-    body = "".join(f"<tr><th>{escape(name)}</th><td class=num>{escape(value)}</td><td class=note>{escape(note)}</td></tr>"
-                   for name, value, note in rows)
-    return f'<h2>Selection diagnostics</h2>\n<table id="diagnostics">{body}</table>'
+def _diagnostics(tasks: list[TaskDiagnostics]) -> str:
+    parts = ["<h2>Selection diagnostics</h2>"]
+    for t in tasks:
+        figures = "".join(f"<tr><th>{escape(name)}</th><td class=num>{escape(value)}</td><td class=note>{escape(note)}</td></tr>"
+                          for name, value, note in t.figures)
+        warnings = "\n".join(f'<p class="warning">&#9888; {escape(w)}</p>' for w in t.warnings) or \
+            '<p class="ok">No warning: the votes are neither sunk into one unit nor shared by many classes.</p>'
+        classes = "".join(
+            f"<tr><td>{escape(name)}</td><td class=num>{images}</td><td>{escape(unit)}</td><td class=num>{agreement:.0%}</td>"
+            f"<td>{'kept' if kept else '<b>dropped</b>'}</td></tr>" for name, images, unit, agreement, kept in t.classes)
+        parts.append(f'<h3>task {escape(t.task)}</h3>\n{warnings}\n<table class="diagnostics">{figures}</table>\n'
+                     '<p class="note">Per downstream class: the unit most of its images vote for, the share of its '
+                     "votes that unit gets (agreement), and whether the keep-set kept it.</p>\n"
+                     '<table class="classes"><tr><th>downstream class</th><th>images</th><th>majority unit</th>'
+                     f"<th>agreement</th><th>unit</th></tr>{classes}</table>")
+    if not tasks:
+        parts.append('<p class="note">Not recorded in this keep-set; re-run `dp4tl select` to record them.</p>')
+    return "\n".join(parts)
 
 
 def _curve_table(ev: Evidence) -> str:
@@ -127,9 +154,8 @@ def _units_table(ev: Evidence, details: dict[int, UnitDetail]) -> str:
 
 
 def render_page(ev: Evidence, details: dict[int, UnitDetail], summary_uri: str,
-                diagnostics: list[tuple[str, str, str]]) -> str:
-    """The whole page; ``details`` maps a rank to the thumbnails its row shows, ``diagnostics`` holds
-    ``(name, value, what it means)`` rows."""
+                diagnostics: list[TaskDiagnostics]) -> str:
+    """The whole page; ``details`` maps a rank to the thumbnails its row shows."""
     title = f"Keep-set {ev.path.name}: {ev.keepset.meta.method} at ratio {ev.keepset.meta.ratio:g}"
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
