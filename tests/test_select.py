@@ -70,6 +70,21 @@ def test_lm_and_fm_keep_the_planted_relevant_classes(world, method):
     assert KeepSet.load(world[0] / method).ids.tolist() == ks.ids.tolist()
 
 
+@pytest.mark.parametrize("method", ["fm", "fm-classmean"])
+def test_explorer_explains_fm_keepsets_from_their_artifacts(world, method):
+    """The explorer re-derives an FM keep-set (k-means result it recorded, or class means) and shows it."""
+    from dp4tl_ray.explain import explain_keepset
+    from dp4tl_ray.explain.evidence import load_evidence
+
+    ks = _select(world, method, name=f"{method}-explain")
+    ev = load_evidence(world[0] / f"{method}-explain")
+    assert ev.units_kept == ks.meta.units_kept and ev.votes.tolist() == ks.meta.votes_per_unit
+    page = (explain_keepset(world[0] / f"{method}-explain") / "index.html").read_text()
+    assert page.count('<tr class="unit ') == ks.meta.units_total and page.count('id="cut"') == 1
+    assert page.count("<img") > 2 * ks.meta.units_total
+    assert ("source classes it mixes" in page) == (method == "fm")
+
+
 def test_random_class_baseline_keeps_about_half_of_the_relevant_classes(world):
     _, synth, _, _, relevant = world
     labels = scan_image_folder(synth.source_dir).labels
