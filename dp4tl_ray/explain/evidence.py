@@ -8,6 +8,7 @@ give the votes and the kept units the keep-set recorded, so the page never expla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,21 @@ class Evidence:
     def num_units(self) -> int:
         return len(self.unit_names)
 
-    @property
+    @cached_property
     def unit_sizes(self) -> np.ndarray:
         return np.bincount(self.unit_of_row, minlength=self.num_units)
+
+    @cached_property
+    def _rows_by_unit(self) -> tuple[np.ndarray, np.ndarray]:
+        """Source rows grouped by unit (``order``) and where each unit's group starts: one sort, then
+        every per-unit look-up is a slice (ImageNet-size sources have a million rows)."""
+        order = np.argsort(self.unit_of_row, kind="stable")
+        return order, np.concatenate([[0], np.cumsum(self.unit_sizes)])
+
+    def rows_of(self, unit: int) -> np.ndarray:
+        """Positions (in ``source_ids``) of the source rows in ``unit``."""
+        order, starts = self._rows_by_unit
+        return order[starts[unit]:starts[unit + 1]]
 
     def images_kept_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """``ratios, images_kept``: what each ratio ``d/U`` would keep under this ranking (step curve)."""
@@ -78,16 +91,13 @@ class Evidence:
 
     def class_mix(self, unit: int, top: int = 3) -> list[tuple[str, float]]:
         """The source classes a unit's images come from, largest share first (LM: the class itself)."""
-        labels = self.source_labels[self.unit_of_row == unit]
-        if labels.size == 0:
-            return []
-        counts = np.bincount(labels, minlength=len(self.source.manifest["classes"]))
+        labels, counts = np.unique(self.source_labels[self.rows_of(unit)], return_counts=True)
         order = np.argsort(-counts, kind="stable")[:top]
-        return [(self.source.manifest["classes"][c], counts[c] / labels.size) for c in order if counts[c]]
+        return [(self.source.manifest["classes"][labels[i]], counts[i] / counts.sum()) for i in order]
 
     def members_of(self, unit: int, n: int) -> np.ndarray:
         """Up to ``n`` source ids of a unit: its classes in turn (largest first), each nearest the centre first."""
-        rows = np.flatnonzero(self.unit_of_row == unit)
+        rows = self.rows_of(unit)
         return self.source_ids[rows[pick_round_robin(self.source_labels[rows], self.closeness[rows], n)]]
 
 
