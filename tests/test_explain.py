@@ -186,6 +186,21 @@ def test_a_changed_store_or_a_keepset_without_provenance_is_refused(world, tmp_p
         explain_keepset(w / "lm2")
 
 
+def test_a_multi_task_keepset_shows_each_tasks_votes_and_diagnostics(world, tmp_path):
+    root, _ = world
+    other = _store(tmp_path / "f-other", root / "task_a" / "train", np.tile([[5, 1, 0]], (6, 1)), seed=2)
+    ks = select_keepset(SelectConfig(method="lm", ratio=0.5, source_features=str(root / "f-src"),
+                                     downstream_features=[str(root / "f-task"), str(other)], out=str(tmp_path / "two")))
+    first, second = ks.meta.downstream  # both stores are of task_a's images: the second is named by its path
+    page = _parse(explain_keepset(tmp_path / "two") / "index.html")
+    text = " ".join(" ".join(page.text).split())
+    fig = next(r for r in page.rows if r["unit"] == "5")  # all of the second task's votes, none of the first's
+    assert page.rows.index(fig) == 0 and f"{first}: 0 {second}: 6" in text
+    assert f"task {first}" in text and f"task {second}" in text
+    assert sum(alt.startswith(f"{second} id") for alt in fig["imgs"]) == 5 and not any(
+        alt.startswith(f"{first} id") for alt in fig["imgs"])
+
+
 def test_baseline_keepsets_have_no_votes_to_explain(world, tmp_path):
     root, _ = world
     select_keepset(SelectConfig(method="random-class", ratio=0.5, source_features=str(root / "f-src"),

@@ -24,7 +24,7 @@ tr.dropped td:first-child { border-left: 4px solid #ccc; } tr.dropped img { opac
 tr.cut td { border-top: 3px dashed #d62728; border-bottom: 3px dashed #d62728; color: #d62728; font-weight: 600;
   background: #fff5f5; text-align: center; }
 tr.gap td { color: #999; text-align: center; font-style: italic; }
-.thumbs { display: flex; flex-wrap: wrap; gap: 3px; max-width: 420px; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 3px; min-width: 340px; max-width: 420px; }
 .thumbs img { width: 64px; height: 64px; border-radius: 3px; }
 .task { font-size: .85em; color: #555; margin: 2px 0; }
 .note { color: #666; font-size: .9em; } h3 { font-size: 1.05em; margin-bottom: .3em; }
