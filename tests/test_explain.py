@@ -132,6 +132,7 @@ def test_page_shows_units_in_ranked_order_with_the_cut_and_thumbnails(world):
     assert f"vote entropy {diag['vote_entropy']:.3f}" in text
     assert "mean class agreement 66.7%" in text  # pear 2/2 on car, wolf 1/2 on car, yak 1/2 on apple
     assert "classes sharing one majority unit 2 of 3" in text and "votes on kept units 100.0%" in text
+    assert "0.5 3 12 50.0%" in text and "0.2 5 20 83.3%" in text  # images kept as the ratio grows
     assert "No warning" in text and "pear 2 car 100% kept" in text and "yak 2 apple 50% kept" in text
     with Image.open(out / "summary.png") as png:
         assert png.format == "PNG" and png.size[0] > 600

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from html import escape
 
-import numpy as np
-
 from dp4tl_ray.explain.evidence import Evidence
 from dp4tl_ray.select.voting import units_to_drop
 
@@ -23,7 +21,7 @@ tr.kept td:first-child { border-left: 4px solid #2b7bba; } tr.dropped { color: #
 tr.dropped td:first-child { border-left: 4px solid #ccc; } tr.dropped img { opacity: .75; }
 tr.cut td { border-top: 3px dashed #d62728; border-bottom: 3px dashed #d62728; color: #d62728; font-weight: 600;
   background: #fff5f5; text-align: center; }
-tr.gap td { color: #999; text-align: center; font-style: italic; }
+tr.current td { font-weight: 600; background: #fff5f5; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 3px; min-width: 340px; max-width: 420px; }
 .thumbs img { width: 64px; height: 64px; border-radius: 3px; }
 .task { font-size: .85em; color: #555; margin: 2px 0; }
@@ -102,9 +100,9 @@ def _diagnostics(tasks: list[TaskDiagnostics]) -> str:
 def _curve_table(ev: Evidence) -> str:
     _, kept = ev.images_kept_curve()
     rows = []
-    for r in CURVE_RATIOS:
+    for r in sorted({*CURVE_RATIOS, ev.keepset.meta.ratio}):
         d = units_to_drop(ev.num_units, r)
-        mark = ' class="current"' if np.isclose(r, ev.keepset.meta.ratio) else ""
+        mark = ' class="current"' if r == ev.keepset.meta.ratio else ""
         rows.append(f"<tr{mark}><td class=num>{r:g}</td><td class=num>{ev.num_units - d}</td>"
                     f"<td class=num>{kept[d]}</td><td class=num>{kept[d] / kept[0]:.1%}</td></tr>")
     return ("<h2>Images kept as the ratio grows</h2>\n"
