@@ -17,17 +17,20 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from dp4tl_ray import atomic
 from dp4tl_ray.cli import run
 from dp4tl_ray.data.imagefolder import scan_image_folder
+from dp4tl_ray.data.parquet import shard_image_folder
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.explain import explain_keepset
 from dp4tl_ray.explain.evidence import pick_round_robin
 from dp4tl_ray.explain.explorer import ranks_in_detail
-from dp4tl_ray.featurestore import MANIFEST, feature_table
+from dp4tl_ray.explain.thumbnails import image_bytes, thumbnails
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
 from dp4tl_ray.select.keepset import META_FILE
 from dp4tl_ray.select.pipeline import SelectConfig, select_keepset
 
@@ -57,8 +60,6 @@ def _store(out: Path, images: Path, topk: np.ndarray, seed: int) -> Path:
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     out.mkdir(parents=True)
     table = feature_table(np.arange(n), index.labels, feats, topk, np.zeros(topk.shape, np.float32))
-    import pyarrow.parquet as pq
-
     pq.write_table(table, out / "part-0.parquet")
     atomic.write_json(out / MANIFEST, {
         "source": str(images), "source_format": "folder", "source_fingerprint": index.fingerprint,
@@ -208,6 +209,17 @@ def test_baseline_keepsets_have_no_votes_to_explain(world, tmp_path):
                                 out=str(tmp_path / "rc")))
     with pytest.raises(UserError, match="prunes without unit votes"):
         explain_keepset(tmp_path / "rc")
+
+
+def test_thumbnails_read_the_same_images_from_parquet_shards(world, tmp_path):
+    root, _ = world
+    folder = scan_image_folder(root / "source" / "train")
+    shards = shard_image_folder(folder, tmp_path / "shards", rows_per_shard=7)
+    store = FeatureStore(tmp_path / "f", {"source": str(shards.root), "source_format": "parquet",
+                                          "source_fingerprint": shards.fingerprint, "classes": shards.classes})
+    wanted = [0, 5, 8, 23]
+    assert image_bytes(store, wanted) == {i: (folder.root / folder.paths[i]).read_bytes() for i in wanted}
+    assert set(thumbnails(store, wanted)) == set(wanted)
 
 
 def test_detail_rows_are_the_top_and_the_units_around_the_cut():

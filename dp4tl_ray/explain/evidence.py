@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import FeatureStore
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore
 from dp4tl_ray.select.feature_mapping import class_means_of_store, nearest_centres
 from dp4tl_ray.select.keepset import KeepSet, isin_sorted
 from dp4tl_ray.select.pipeline import UNIT_METHODS
@@ -116,7 +116,7 @@ def pick_round_robin(groups: np.ndarray, key: np.ndarray, n: int) -> np.ndarray:
 
 
 def _store(path: str, role: str, keepset: Path) -> FeatureStore:
-    if not path or not (Path(path) / "manifest.json").is_file():
+    if not path or not (Path(path) / MANIFEST).is_file():
         raise UserError(f"the {role} FeatureStore {path or '(not recorded)'} of keep-set {keepset} is missing; "
                         f"restore it, or `dp4tl extract` it again and {_RESELECT}")
     return FeatureStore.open(path)
