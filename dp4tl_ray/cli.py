@@ -136,6 +136,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from dp4tl_ray.explain import explain_keepset
+    from dp4tl_ray.explain.explorer import PAGE, SUMMARY
+
+    out = explain_keepset(args.keepset, args.out)
+    print(f"explorer page: {out / PAGE}\nsummary: {out / SUMMARY}")
+
+
 def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
     """The sweep's flags (shared by ``dp4tl sweep`` and ``jobs/sweep.py``): a YAML plus a few overrides."""
     parser.add_argument("--config", required=True, help="sweep YAML (see jobs/configs/demo.yaml, imagenet.yaml)")
@@ -217,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(name, help=help_)
         _add_config_flags(stage, cls)
         stage.set_defaults(func=func)
+
+    explain = sub.add_parser("explain", help="a keep-set's explorer page: units ranked by votes, the cut, thumbnails")
+    explain.add_argument("keepset", help="the keep-set directory (from `dp4tl select --method lm|fm|fm-classmean`)")
+    explain.add_argument("--out", default=None, help="where to write index.html and summary.png (default: KEEPSET/explain)")
+    explain.set_defaults(func=_cmd_explain)
 
     sweep = sub.add_parser("sweep", help="Ray Tune sweep: method x ratio x surrogate x mode x task -> results + report")
     add_sweep_flags(sweep)

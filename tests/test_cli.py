@@ -60,3 +60,5 @@ def test_every_stage_has_a_command_and_bad_input_exits_2(tmp_path, capsys):
     assert "unknown mode" in _one_line_error(capsys)
     assert run(["select", "--method", "lm", "--ratio", "1.5", "--source-features", str(tmp_path)]) == 2
     assert "ratio" in _one_line_error(capsys)
+    assert run(["explain", str(tmp_path / "no-keepset")]) == 2
+    assert "no keep-set at" in _one_line_error(capsys)

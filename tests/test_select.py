@@ -62,11 +62,27 @@ def test_lm_and_fm_keep_the_planted_relevant_classes(world, method):
         kept = np.zeros(len(labels), bool)
         kept[ks.ids] = True
         assert kept[relevant_images].mean() >= 0.9
+        assert ks.meta.extra["diagnostics"][ks.meta.downstream[0]]["num_units"] == ks.meta.units_total
     else:
         assert len(_kept_classes(ks, labels) & relevant) >= 0.9 * len(relevant)
         assert ks.meta.units_kept == 12 and ks.meta.units_total == 24
     assert 0.3 < ks.meta.images_kept / ks.meta.images_total < 0.7
     assert KeepSet.load(world[0] / method).ids.tolist() == ks.ids.tolist()
+
+
+@pytest.mark.parametrize("method", ["fm", "fm-classmean"])
+def test_explorer_explains_fm_keepsets_from_their_artifacts(world, method):
+    """The explorer re-derives an FM keep-set (k-means result it recorded, or class means) and shows it."""
+    from dp4tl_ray.explain import explain_keepset
+    from dp4tl_ray.explain.evidence import load_evidence
+
+    ks = _select(world, method, name=f"{method}-explain")
+    ev = load_evidence(world[0] / f"{method}-explain")
+    assert ev.units_kept == ks.meta.units_kept and ev.votes.tolist() == ks.meta.votes_per_unit
+    page = (explain_keepset(world[0] / f"{method}-explain") / "index.html").read_text()
+    assert page.count('<tr class="unit ') == ks.meta.units_total and page.count('id="cut"') == 1
+    assert page.count("<img") > 2 * ks.meta.units_total
+    assert ("source classes it mixes" in page) == (method == "fm")
 
 
 def test_random_class_baseline_keeps_about_half_of_the_relevant_classes(world):
@@ -82,6 +98,9 @@ def test_keepsets_are_reproducible_and_summarised(world):
     assert a.ids.tolist() == b.ids.tolist() and a.meta.sha256 == b.meta.sha256
     text = format_keepset_summary(a, "lm-a")
     assert "units kept 12/24" in text and "most voted" in text
+    diag = a.meta.extra["diagnostics"]
+    assert list(diag) == a.meta.downstream and diag["task_0"]["classes"] == 8 and diag["task_0"]["images"] == 96
+    assert "class agreement" in text and ("WARNING task_0: " in text) == diag["task_0"]["flagged"]
     soft = _select(world, "lm", name="lm-soft", vote_topk=3)
     assert soft.meta.extra["vote_topk"] == 3 and abs(sum(soft.meta.votes_per_unit) - world[3].num_rows) < 1e-6
 

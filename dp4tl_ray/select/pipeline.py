@@ -15,9 +15,10 @@ import numpy as np
 
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import FeatureStore
-from dp4tl_ray.select.feature_mapping import class_means_of_store, feature_mapping_votes
+from dp4tl_ray.select.diagnostics import mapping_diagnostics
+from dp4tl_ray.select.feature_mapping import class_means_of_store, feature_mapping_image_units, feature_mapping_votes
 from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta, keep_ids_for_units
-from dp4tl_ray.select.label_mapping import label_mapping_votes
+from dp4tl_ray.select.label_mapping import label_mapping_image_units, label_mapping_votes
 from dp4tl_ray.select.voting import (
     combine_task_votes,
     kept_units_for_ratio,
@@ -131,6 +132,20 @@ def _votes(tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray |
     return per_task[next(iter(per_task))] if len(per_task) == 1 else combine_task_votes(per_task)
 
 
+def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: int, names: list[str]) -> dict[str, Any]:
+    """Per task, :func:`mapping_diagnostics` of its images' votes (warnings also logged)."""
+    out = {}
+    for name, store in tasks.items():
+        k_task = k if centres is not None else min(k, int(store.manifest["topk"]))
+        labels, units = (label_mapping_image_units(store) if centres is None
+                         else feature_mapping_image_units(store, centres, k_task))
+        diag = mapping_diagnostics(units, labels, len(names), k_task, names)
+        for w in diag.warnings:
+            log.warning("task %s: %s", name, w)
+        out[name] = diag.to_dict()
+    return out
+
+
 def _image_scores(cfg: SelectConfig, source: FeatureStore):
     """``id, el2n, grand`` per source row: read from ``cfg.scores`` (a scores.parquet or its directory),
     else computed once and cached next to the source features."""
@@ -182,7 +197,8 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.nda
                        images_kept=len(kept), images_total=len(ids), surrogate=source.manifest["surrogate"],
                        source_fingerprint=source.manifest["source_fingerprint"], downstream=[], seed=cfg.seed,
                        extra={**extra, "classes_with_images": classes_kept,
-                              "fraction_images_removed": 1 - len(kept) / len(ids)})
+                              "fraction_images_removed": 1 - len(kept) / len(ids)},
+                       source_features=str(source.path.resolve()))
     return kept, meta
 
 
@@ -202,11 +218,14 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray
     kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
     summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
     top = np.argsort(-votes, kind="stable")[:10]
-    extra = {**extra, "vote_topk": cfg.vote_topk, "fraction_images_removed": summary.fraction_images_removed,
-             "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top]}
+    extra = {**extra, "vote_topk": cfg.vote_topk, "runner_up_topk": cfg.runner_up_topk,
+             "fraction_images_removed": summary.fraction_images_removed,
+             "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top],
+             "diagnostics": _diagnostics(tasks, centres, cfg.vote_topk, names)}
     meta = KeepSetMeta.from_summary(summary, method=cfg.method, ratio=cfg.ratio, surrogate=source.manifest["surrogate"],
                                     source_fingerprint=source.manifest["source_fingerprint"], downstream=list(tasks),
-                                    seed=cfg.seed, extra=extra)
+                                    seed=cfg.seed, extra=extra, source_features=str(source.path.resolve()),
+                                    downstream_features=[str(t.path.resolve()) for t in tasks.values()])
     return keep_ids_for_units(unit_of_row, ids, kept), meta
 
 
@@ -231,4 +250,9 @@ def format_keepset_summary(ks: KeepSet, path: str | Path) -> str:
     top = m.extra.get("top_units", [])
     if top:
         lines.append("  most voted: " + ", ".join(f"{t['name']} ({t['votes']:g})" for t in top[:5]))
+    for task, d in m.extra.get("diagnostics", {}).items():
+        lines.append(f"  mapping {task}: top unit {d['top_unit_share']:.0%} of votes, entropy {d['vote_entropy']:.2f}, "
+                     f"class agreement {d['mean_class_agreement']:.0%}, {len(d['shared_majority_classes'])}/"
+                     f"{d['classes']} classes share one majority unit")
+        lines.extend(f"  WARNING {task}: {w}" for w in d["warnings"])
     return "\n".join(lines)
