@@ -654,8 +654,6 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     files = store.files
     if not files:
         raise UserError(f"FeatureStore {store.path} has no parquet files; re-run `dp4tl extract`")
-    if not ray.is_initialized():
-        ray.init()
 
     times = [time.perf_counter()]
     groups = np.array_split(np.array([str(f) for f in files], dtype=object), min(cfg.num_actors, len(files)))

@@ -88,11 +88,13 @@ def test_gpu_smoke_config_puts_every_stage_on_the_gpu():
 
 
 def test_concurrent_trials_fit_the_cluster():
-    cpu = {"num_workers": 1, "cpus_per_worker": 1}
+    from dp4tl_ray.train.trainer import PretrainConfig
+
+    cpu = PretrainConfig(source="-", out="-", num_workers=1, cpus_per_worker=1)
     assert concurrent_trials({"CPU": 2}, cpu, 10) == 1  # one worker CPU + one CPU for its data
     assert concurrent_trials({"CPU": 16, TRIAL_RESOURCE: 3}, cpu, 10) == 3  # capped by driver slots
-    assert concurrent_trials({"CPU": 16}, {"num_workers": 2, "cpus_per_worker": 3}, 10) == 2
-    gpu = {"num_workers": 4, "use_gpu": True}
+    assert concurrent_trials({"CPU": 16}, PretrainConfig(source="-", out="-", num_workers=2, cpus_per_worker=3), 10) == 2
+    gpu = PretrainConfig(source="-", out="-", num_workers=4, use_gpu=True)
     assert concurrent_trials({"CPU": 64, "GPU": 8, TRIAL_RESOURCE: 8}, gpu, 10) == 2
     # An autoscaling cluster with no GPU node up yet: as many as the head's driver slots, never more than trials.
     assert concurrent_trials({"CPU": 12, TRIAL_RESOURCE: 8}, gpu, 5) == 5

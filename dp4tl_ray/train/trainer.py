@@ -218,15 +218,12 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
 
     A run whose checkpoint already holds all ``cfg.epochs`` is returned as is, without starting
     Ray Train. ``callbacks`` reach Ray Train's ``RunConfig`` (e.g. Tune's report callback in a sweep)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dp4tl_ray.train.loops import STATE_FILE, check_resume_keys, latest_checkpoint, train_loop_per_worker
 
     cfg.validate()
-    if not ray.is_initialized():
-        ray.init()
     _check_cluster_fits(cfg)
     decoded, source, kept_classes, images = training_dataset(cfg)
     spec = {"arch": cfg.arch, "num_classes": len(kept_classes) if cfg.mode != "moco_v2" else cfg.moco_dim,
