@@ -2,11 +2,11 @@
 
 One trial = select -> pretrain -> evaluate. The work trials share is prepared once, on the driver,
 before Tune starts: surrogate training (per surrogate arch), feature extraction of the source and of
-every task, k-means (per surrogate, k and seed) and the keep-sets themselves, each cached on disk and
-reused when the sweep (or another sweep with the same work dir) runs again. A trial then loads its
-keep-set (checked against its sha256), fits a TorchTrainer named from its trial id, evaluates the
-backbone (LP and/or FF) and reports one record. ``results.jsonl`` (one record per trial) and the
-report are written when the sweep ends.
+every task, and the keep-sets (FM's k-means runs inside selection, once per surrogate, k and seed), each
+stage caching itself on disk, so the sweep (or another sweep with the same work dir) reuses it when it
+runs again. A trial then loads its keep-set (checked against its sha256), fits a TorchTrainer named
+from its trial id, evaluates the backbone (LP and/or FF) and reports one record. ``results.jsonl`` (one record per trial, see
+``dp4tl_ray.results``) and the report are written when the sweep ends.
 
 Resuming: the same command again restores the Tune experiment (``Tuner.restore``) and runs only the
 trials that did not finish; a trial cut midway resumes its Train run from its last checkpoint.
@@ -156,16 +156,17 @@ class SweepPlan:
             return dict(self.pretrain)
         return {**self.pretrain, **(self.pretrain_by_mode.get(mode) or {}), "mode": mode}
 
-    def stage(self, name: str, mode: str | None = None, **fields: Any) -> Any:
-        """Section ``name`` as its stage's config with the per-trial ``fields`` set (``mode``: the pretrain
-        section with that mode's overrides), checked as the stage's own flags are."""
-        section = self.pretrain_for(mode) if name == "pretrain" else getattr(self, name)
-        where = f"pretrain_by_mode.{mode}" if name == "pretrain" and mode in self.pretrain_by_mode else name
-        return from_dict(_stage_configs()[name], {**section, **fields}, where)
+    def stage(self, section: str, pretrain_mode: str | None = None, /, **fields: Any) -> Any:
+        """Section ``section`` as its stage's config with the per-trial ``fields`` set (``pretrain_mode``:
+        the pretrain section with that mode's overrides), checked as the stage's own flags are."""
+        values = self.pretrain_for(pretrain_mode) if section == "pretrain" else getattr(self, section)
+        where = f"pretrain_by_mode.{pretrain_mode}" if section == "pretrain" and pretrain_mode in self.pretrain_by_mode \
+            else section
+        return from_dict(_stage_configs()[section], {**values, **fields}, where)
 
-    def settings(self, name: str, mode: str | None = None) -> Any:
-        """Section ``name``'s settings, defaults included (the per-trial fields are placeholders)."""
-        return self.stage(name, mode, **PLACEHOLDERS[name])
+    def settings(self, section: str, pretrain_mode: str | None = None, /) -> Any:
+        """Section ``section``'s settings, defaults included (the per-trial fields are placeholders)."""
+        return self.stage(section, pretrain_mode, **PLACEHOLDERS[section])
 
 
 def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepPlan:

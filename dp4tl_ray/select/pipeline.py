@@ -260,7 +260,7 @@ def _reusable(out: Path, key: str) -> KeepSet | None:
         return None
     if keepset.meta.extra.get("select_key") != key:
         return None
-    log.info("keep-set %s is up to date: reusing it", out)
+    log.info("keep-set %s was selected from the same inputs: reusing it", out)
     keepset.meta.extra["costs"] = {**keepset.meta.extra.get("costs", {}), "reused": True}
     return keepset
 
