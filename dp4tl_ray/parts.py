@@ -34,7 +34,7 @@ RUN_GLOB = "run-*.json"
 
 def part_rows(num_rows: int, batch_size: int) -> int:
     """Rows per part: about 1% of the source (a kill loses at most the parts in flight), at least one
-    inference batch, at most 10,000 rows (a few MB at 512-d, 1.28M rows -> 128 parts)."""
+    inference batch, at most 10,000 rows (~20 MB at 512-d; 1.28M rows -> 128 parts)."""
     return max(batch_size, min(10_000, -(-num_rows // 100)))
 
 

@@ -52,11 +52,11 @@ def test_part_size_is_about_a_hundredth_within_a_batch_and_10k_rows():
 
 @pytest.fixture(scope="module")
 def synth_resume(tmp_path_factory):
-    """800 images at 32 px (4 domains x 5 classes x 40), with planted unreadable files."""
+    """400 images at 32 px (4 domains x 5 classes x 20), with planted unreadable files."""
     from dp4tl_ray.data.synthetic import SynthConfig, generate
 
     return generate(SynthConfig(root=str(tmp_path_factory.mktemp("resume") / "data"), num_domains=4, classes_per_domain=5,
-                                images_per_class=40, image_size=32, tasks=0, dirty=True))
+                                images_per_class=20, image_size=32, tasks=0, dirty=True))
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
@@ -73,6 +73,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
             pass
 
 
+@pytest.mark.ray
 def test_a_killed_extraction_resumes_and_equals_a_clean_run(ray_local, synth_resume, tmp_path):
     source = str(synth_resume.source_dir)
     clean = extract_features(ExtractConfig(source=source, out=str(tmp_path / "clean"), **SETTINGS), progress=False)
