@@ -1,7 +1,8 @@
 """Surrogate feature extraction with Ray Data, and the FeatureStore it writes.
 
 Pipeline: index/shards -> CPU decode tasks (:mod:`dp4tl_ray.data.decode`) -> an actor pool of
-:class:`SurrogateEmbedder` (one actor per GPU, or CPU actors) -> parquet shards. Per row the store
+:class:`SurrogateEmbedder` (one actor per GPU, or CPU actors) -> parquet parts committed as they
+finish (:mod:`dp4tl_ray.parts`), so a killed run resumes where it stopped. Per row the store
 holds ``id, label, feature`` (L2-normalised penultimate feature), ``topk_idx, topk_logit``.
 The store is content-addressed: its ``store_key`` hashes everything the rows depend on, so a
 second run on unchanged inputs reuses it and a changed input rebuilds it.
