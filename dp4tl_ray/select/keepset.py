@@ -136,17 +136,24 @@ class KeepSet:
     def filter(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
         """The rows of ``dataset`` (which has an ``id`` column) whose id is kept, lazily and in parallel.
 
-        The sorted ids go once into the object store and each batch is matched against them with a
-        binary search, so the source is never gathered on the driver.
+        The source is never gathered on the driver (:func:`rows_with_ids`).
         """
-        import ray
+        return rows_with_ids(dataset, self.ids)
 
-        columns = dataset.columns(fetch_if_missing=False)
-        if columns is not None and "id" not in columns:
-            raise UserError(f"dataset to filter has no `id` column (columns: {columns})")
-        return dataset.map_batches(
-            _kept_rows, fn_kwargs={"ids_ref": ray.put(self.ids)}, batch_format="pyarrow", batch_size=None
-        )
+
+def rows_with_ids(dataset: ray.data.Dataset, sorted_ids: np.ndarray) -> ray.data.Dataset:
+    """The rows of ``dataset`` (which has an ``id`` column) whose id is in ``sorted_ids``, lazily.
+
+    The sorted ids go once into the object store and each batch is matched against them with a
+    binary search, so the source is never gathered on the driver.
+    """
+    import ray
+
+    columns = dataset.columns(fetch_if_missing=False)
+    if columns is not None and "id" not in columns:
+        raise UserError(f"dataset to filter has no `id` column (columns: {columns})")
+    ids = _checked_ids(np.asarray(sorted_ids), "ids to keep")
+    return dataset.map_batches(_kept_rows, fn_kwargs={"ids_ref": ray.put(ids)}, batch_format="pyarrow", batch_size=None)
 
 
 def keep_ids_for_units(unit_of_row: np.ndarray, row_ids: np.ndarray, kept_units: np.ndarray) -> np.ndarray:

@@ -53,8 +53,10 @@ class SelectConfig:
     match: str | None = None
     keep_fraction: float | None = None
     scores: str | None = None  # EL2N/GraNd: scores.parquet from an earlier run; default: computed and cached
-    score_epochs: int = 2  # short training run per seed for EL2N/GraNd
-    score_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    score_epochs: int = 2  # EL2N: supervised epochs per seed (GraNd is scored at initialisation)
+    score_seeds: list[int] | None = None  # one model per seed, averaged; default scores.DEFAULT_SEEDS
+    score_workers: int = 1  # EL2N: Ray Train workers of each seed's run
+    score_use_gpu: bool = False  # EL2N: train on GPUs
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -132,25 +134,20 @@ def _votes(tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray |
 
 
 def _image_scores(cfg: SelectConfig, source: FeatureStore):
-    """``id, el2n, grand`` per source row: read from ``cfg.scores`` (a scores.parquet or its directory),
-    else computed once and cached next to the source features."""
-    import pyarrow.parquet as pq
-
+    """``id, <method>`` per source row and its metadata: read from ``cfg.scores`` (a scores.parquet or
+    its directory), else computed once and cached next to the source features."""
     from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.models import ModelSpec
-    from dp4tl_ray.select.scores import SCORES_FILE, compute_scores
+    from dp4tl_ray.select.scores import ScoreConfig, compute_scores, load_scores
 
-    cache = source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
-    path = Path(cfg.scores) if cfg.scores else cache
-    file = path / SCORES_FILE if path.suffix != ".parquet" else path
-    if file.is_file():
-        return pq.read_table(file)
     if cfg.scores:
-        raise UserError(f"scores file {file} not found; drop --scores to compute them")
+        return load_scores(cfg.scores, cfg.method)
     m = source.manifest
     spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
-    return compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,
-                          seeds=tuple(cfg.score_seeds), out=cache)
+    seeds = {"seeds": tuple(cfg.score_seeds)} if cfg.score_seeds is not None else {}
+    scfg = ScoreConfig(cfg.method, epochs=cfg.score_epochs, num_workers=cfg.score_workers,
+                       use_gpu=cfg.score_use_gpu, **seeds)
+    return compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), scfg, out=source.path / scfg.dir_name())
 
 
 def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, KeepSetMeta]:
@@ -163,6 +160,7 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.nda
         kept = baselines.random_by_class(labels, ids, cfg.ratio, cfg.seed)
         extra: dict[str, Any] = {}
     else:
+        scored: dict[str, Any] = {}
         match = KeepSet.load(cfg.match) if cfg.match else None
         fraction = None if match else (cfg.keep_fraction if cfg.keep_fraction is not None else 1 - cfg.ratio)
         budget = baselines.image_budget(len(ids), fraction, match)
@@ -172,9 +170,10 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.nda
             f_ids, f_labels, feats, _ = source.arrays()
             kept = baselines.moderate(feats, f_labels, f_ids, budget)
         else:
-            table = _image_scores(cfg, source)
-            kept = baselines.top_scores(table.column(cfg.method).to_numpy(), table.column("id").to_numpy(), budget)
-        extra = {"budget": budget, "matched": cfg.match}
+            scores = _image_scores(cfg, source)
+            kept = baselines.top_scores(scores.table.column(cfg.method).to_numpy(), scores.table.column("id").to_numpy(), budget)
+            scored = {"scores": scores.meta}  # settings and cost (scores_seconds) of the scores used
+        extra = {"budget": budget, "matched": cfg.match, **scored}
     classes_kept = int((np.bincount(labels[np.isin(ids, kept)], minlength=num_classes) > 0).sum())
     unit_level = cfg.method == "random-class"
     meta = KeepSetMeta(method=cfg.method, ratio=cfg.ratio, units_kept=classes_kept if unit_level else len(kept),
