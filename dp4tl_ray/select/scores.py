@@ -331,19 +331,19 @@ def compute_scores(source_path: str | os.PathLike, spec: ModelSpec, decode_spec:
         ray.init()
     t0 = time.perf_counter()
     if cfg.score == "grand":
-        checkpoints, per_seed = grand_init_checkpoints(source, spec, decode_spec, cfg, out), []
-        seconds = {"bn_estimate_s": time.perf_counter() - t0}
+        checkpoints = grand_init_checkpoints(source, spec, decode_spec, cfg, out)
+        seconds, extra = {"bn_estimate_s": time.perf_counter() - t0}, {}
         score_spec = spec
     else:
         checkpoints, per_seed = el2n_checkpoints(source, spec, decode_spec, cfg, out)
         seconds = {"train_s": sum(per_seed)}
-        score_spec = ModelSpec(spec.arch, len(source.classes), spec.small_input, spec.mean, spec.std)
+        extra = {"train_s_per_seed": per_seed, "train": {"num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu}}
+        score_spec = ModelSpec(spec.arch, len(source.classes), spec.small_input)  # as pretrain builds it
     t1 = time.perf_counter()
     table = score_dataset(source.decoded(decode_spec, cfg.rows_per_block), score_spec, checkpoints, cfg)
     seconds["score_s"] = time.perf_counter() - t1
-    meta = {**provenance, "method": METHOD[cfg.score], "models": checkpoints, "images": table.num_rows,
-            "seconds": seconds, "train_s_per_seed": per_seed, "scores_seconds": sum(seconds.values()),
-            "train": {"num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu} if cfg.score == "el2n" else None}
+    meta = {**provenance, **extra, "method": METHOD[cfg.score], "models": checkpoints, "images": table.num_rows,
+            "seconds": seconds, "scores_seconds": sum(seconds.values())}
     with atomic.file_path(out / SCORES_FILE) as tmp:
         pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)}), tmp)
     atomic.write_json(out / META_FILE, meta)
