@@ -158,8 +158,9 @@ def filter_by_ids(dataset: ray.data.Dataset, sorted_ids: np.ndarray, keep: bool 
     columns = dataset.columns(fetch_if_missing=False)
     if columns is not None and "id" not in columns:
         raise UserError(f"dataset to filter has no `id` column (columns: {columns})")
+    ids = _checked_ids(np.asarray(sorted_ids), "ids to filter by")
     return dataset.map_batches(
-        _rows_by_id, fn_kwargs={"ids_ref": ray.put(sorted_ids), "keep": keep}, batch_format="pyarrow", batch_size=None
+        _rows_by_id, fn_kwargs={"ids_ref": ray.put(ids), "keep": keep}, batch_format="pyarrow", batch_size=None
     )
 
 
