@@ -148,3 +148,18 @@ def test_bad_pretrain_configs_are_one_line_errors(ray_local, synth_dirty, tmp_pa
         pretrain(_cfg(synth_dirty.source_dir, tmp_path, num_workers=2, cpus_per_worker=1))
     with pytest.raises(UserError, match="multiple of"):
         pretrain(_cfg(synth_dirty.source_dir, tmp_path, mode="moco_v2", moco_k=100))
+
+
+def test_a_cluster_shortfall_is_refused_locally_but_awaited_on_an_attached_cluster(ray_local, monkeypatch, caplog):
+    from dp4tl_ray.train.pretrain_config import PretrainConfig
+    from dp4tl_ray.train.trainer import _check_cluster_fits
+
+    gpu_run = PretrainConfig(source="-", out="-", num_workers=8, use_gpu=True)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="8 GPU workers asked"):
+        _check_cluster_fits(gpu_run)
+    # Attached to a cluster (KubeRay, the launcher): GPU workers may scale from zero, so it waits instead.
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with caplog.at_level("WARNING"):
+        _check_cluster_fits(gpu_run)
+    assert "waiting for the autoscaler" in caplog.text

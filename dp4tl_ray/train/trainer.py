@@ -120,17 +120,28 @@ def source_labels(source) -> np.ndarray:
 
 def _check_cluster_fits(cfg: PretrainConfig) -> None:
     """Refuse a run whose workers would take every CPU: Ray Data's decode tasks would then never
-    run and training would hang waiting for its first batch."""
+    run and training would hang waiting for its first batch. On a cluster a job attached to
+    (``RAY_ADDRESS``: KubeRay, the cluster launcher) an autoscaler may still add the missing GPU or
+    CPU nodes - workers scale from zero there - so a shortfall is logged, not refused."""
+    import os
+
     import ray
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    problem = None
     if cfg.use_gpu and gpus < cfg.num_workers:
-        raise UserError(f"{cfg.num_workers} GPU workers asked but the cluster has {gpus:g} GPUs; lower num_workers")
-    left = cpus - cfg.num_workers * cfg.cpus_per_worker
-    if left < 1:
-        raise UserError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPUs leave {left:g} of the cluster's {cpus:g} "
-                        "CPUs for data loading; leave at least 1 (lower num_workers or cpus_per_worker)")
+        problem = f"{cfg.num_workers} GPU workers asked but the cluster has {gpus:g} GPUs; lower num_workers"
+    elif cpus - cfg.num_workers * cfg.cpus_per_worker < 1:
+        problem = (f"{cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPUs leave "
+                   f"{cpus - cfg.num_workers * cfg.cpus_per_worker:g} of the cluster's {cpus:g} CPUs for data "
+                   "loading; leave at least 1 (lower num_workers or cpus_per_worker)")
+    if problem is None:
+        return
+    if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
+        log.warning("%s - waiting for the autoscaler to add nodes", problem)
+        return
+    raise UserError(problem)
 
 
 def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResult:
@@ -149,8 +160,8 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
     storage = cfg.out if is_uri(cfg.out) else str(Path(cfg.out).resolve())
     if cfg.num_workers == 0 and is_uri(storage):
         raise UserError("local mode (num_workers=0) keeps checkpoints on this machine; give a local --out")
-    run_dir = str(Path(storage) / cfg.name) if "://" not in storage else f"{storage}/{cfg.name}"
-    if "://" not in storage:  # refuse early (not inside a worker, not retried) a resume under other settings
+    run_dir = f"{storage}/{cfg.name}" if is_uri(storage) else str(Path(storage) / cfg.name)
+    if not is_uri(storage):  # refuse early (not inside a worker, not retried) a resume under other settings
         path = latest_checkpoint(run_dir)
         if path is not None:
             state = TrainState.read(path)
