@@ -17,8 +17,13 @@ units kept at ratio 0.6 are checked against the 10 relevant digit classes. Candi
   shift-covering augmentations (down-up sampling, blur, grayscale, colour jitter), same seed/epochs.
 
 The check's answer is not built in: which source class the shifted digits fall into is up to the
-trained surrogate. Prints one JSON line; ``recommended_*`` is ``one-to-one`` with the plain surrogate,
-``*_relevant_kept`` the minimum over ``--seeds`` (each seed redraws the data split, crops and surrogate).
+trained surrogate. Prints one JSON line; ``*_relevant_kept`` is the minimum over ``--seeds`` (each
+seed redraws the data split, crops and surrogates). Measured (seed 0, 10 epochs, 13 of 32 units kept,
+random keeps 4.1 relevant on average): the plain surrogate recognises 1% of the shifted digits
+(votes go to "coins" and "page"), plain LM keeps 4 of 10 and the diagnostics flag it (6 of 10
+classes share one majority unit); no vote rule helps (soft-top3, class-balanced, tta, one-to-one:
+4 each - the digits are not even in the images' top 3); the shift-covering surrogate recipe keeps 9
+(one-to-one on top: 9). ``shift-aug`` is therefore the recommendation. One seed costs ~10 CPU-minutes.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon",
           "stereo_motorcycle", "microaneurysms"]
 SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
 TOPK = 3
+BAR = 9  # relevant classes (of 10) a setting must keep
+RECOMMENDED = "shift-aug"  # chosen from the seed-0 run (see the docstring)
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -268,7 +275,7 @@ def run_seed(seed: int, epochs: int, cache: Path | None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, help="keep the trained surrogates here and reuse them")
@@ -276,14 +283,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
     runs = [run_seed(s, args.epochs, args.cache) for s in args.seeds]
-    candidates = runs[0]["relevant_kept"]
-    per_candidate = {c: [r["relevant_kept"][c] for r in runs] for c in candidates}
+    per_candidate = {c: [r["relevant_kept"][c] for r in runs] for c in runs[0]["relevant_kept"]}
+    failed = [r for r in runs if r["relevant_kept"]["plain"] < BAR]
     print(json.dumps({
-        "figure": "real-shift", "ratio": RATIO, "seeds": args.seeds, "units": runs[0]["units"],
-        "kept_units": runs[0]["kept_units"], "relevant_total": DIGITS, "recommended": "one-to-one",
-        "recommended_relevant_kept": min(per_candidate["one-to-one"]),
+        "figure": "real-shift", "ratio": RATIO, "seeds": args.seeds, "epochs": args.epochs, "units": runs[0]["units"],
+        "kept_units": runs[0]["kept_units"], "relevant_total": DIGITS, "bar": BAR, "recommended": RECOMMENDED,
+        "recommended_relevant_kept": min(per_candidate[RECOMMENDED]),
         "plain_relevant_kept": min(per_candidate["plain"]),
-        "plain_flagged": all(r["plain_flagged"] for r in runs),
+        "plain_failed_seeds": len(failed),
+        "plain_flagged": bool(failed) and all(r["plain_flagged"] for r in failed),
         "relevant_kept_per_seed": per_candidate,
         "relevant_kept_random_expected": round(DIGITS * runs[0]["kept_units"] / runs[0]["units"], 2),
         "per_seed": [{k: v for k, v in r.items() if k != "relevant_kept"} for r in runs],

@@ -48,7 +48,7 @@ class SelectConfig:
     vote_topk: int = 1  # 1 = hard votes; k > 1 = each image gives 1/k to its top-k units
     runner_up_topk: int = 3  # ties in votes (zero votes, mostly) go to units more often in images' top-k; 0 = off
     # LM/FM ranking: "votes" (the paper's rule) or "one-to-one" (each downstream class claims one unit per
-    # round, ILM-VP's greedy mapping; holds when shifted images send most votes to one sink unit)
+    # round, ILM-VP's greedy mapping; helps when a sink takes the top-1 but each class's unit is in its top-k)
     vote_rule: str = "votes"
     k: int | None = None  # FM clusters; default: number of source classes
     kmeans_niter: int = 20
