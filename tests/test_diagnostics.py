@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.select.diagnostics import class_unit_votes, mapping_diagnostics
+from dp4tl_ray.select.diagnostics import mapping_diagnostics
+from dp4tl_ray.select.voting import class_unit_votes
 
 CLASSES, PER_CLASS, UNITS = 10, 30, 40
 

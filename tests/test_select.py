@@ -87,6 +87,13 @@ def test_explorer_explains_fm_keepsets_from_their_artifacts(world, method):
     assert ("source classes it mixes" in page) == (method == "fm")
 
 
+def test_one_to_one_vote_rule_keeps_the_planted_relevant_classes(world):
+    _, synth, _, _, relevant = world
+    ks = _select(world, "lm", name="lm-1to1", vote_rule="one-to-one")
+    assert len(_kept_classes(ks, scan_image_folder(synth.source_dir).labels) & relevant) >= 0.9 * len(relevant)
+    assert ks.meta.extra["vote_rule"] == "one-to-one" and ks.meta.units_kept == 12
+
+
 def test_random_class_baseline_keeps_about_half_of_the_relevant_classes(world):
     _, synth, _, _, relevant = world
     labels = scan_image_folder(synth.source_dir).labels
@@ -157,6 +164,8 @@ def test_a_selection_is_reused_until_one_of_its_inputs_changes(world, tmp_path):
 
 
 def test_selection_errors_are_one_line(world, tmp_path):
+    with pytest.raises(UserError, match="unknown vote_rule"):
+        _select(world, "lm", name="bad-rule", vote_rule="top1")
     root, _, source, down, _ = world
     with pytest.raises(UserError, match=r"ratio must be in \[0, 1\)"):
         _select(world, "lm", ratio=1.0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dp4tl_ray.errors import UserError
+from dp4tl_ray.select.voting import class_unit_votes
 
 SINK_MIN_SHARE = 1 / 3
 SINK_CLASS_FACTOR = 2.0
@@ -68,24 +68,6 @@ class MappingDiagnostics:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "flagged": self.flagged}
-
-
-def class_unit_votes(unit_idx: np.ndarray, labels: np.ndarray, num_units: int, k: int = 1) -> np.ndarray:
-    """Votes ``float64[C, U]`` of each downstream class for each unit (top-k images give 1/k each)."""
-    idx = np.asarray(unit_idx)
-    idx = idx[:, None] if idx.ndim == 1 else idx
-    labels = np.asarray(labels)
-    if idx.ndim != 2 or idx.shape[0] == 0 or labels.shape != idx.shape[:1]:
-        raise UserError(f"need one label per downstream image and at least one image; got units {idx.shape}, "
-                        f"labels {labels.shape}")
-    if not 1 <= k <= idx.shape[1]:
-        raise UserError(f"k={k} must be between 1 and the {idx.shape[1]} top-k columns stored")
-    top = idx[:, :k]
-    if top.min() < 0 or top.max() >= num_units or labels.min() < 0:
-        raise UserError(f"unit indices must lie in [0, {num_units}) and labels be non-negative")
-    num_classes = int(labels.max()) + 1
-    flat = (np.repeat(labels.astype(np.int64), k) * num_units + top.ravel()).astype(np.int64)
-    return np.bincount(flat, minlength=num_classes * num_units).reshape(num_classes, num_units) / k
 
 
 def mapping_diagnostics(unit_idx: np.ndarray, labels: np.ndarray, num_units: int, k: int = 1,

@@ -27,9 +27,12 @@ from dp4tl_ray.select.diagnostics import mapping_diagnostics
 from dp4tl_ray.select.feature_mapping import class_means_of_store, feature_mapping_image_units, feature_mapping_votes
 from dp4tl_ray.select.keepset import META_FILE, KeepSet, KeepSetMeta, keep_ids_for_units
 from dp4tl_ray.select.label_mapping import label_mapping_image_units, label_mapping_votes
+from dp4tl_ray.select.vote_rules import VOTE_RULES, one_to_one_ranking
 from dp4tl_ray.select.voting import (
     combine_task_votes,
     kept_units_for_ratio,
+    kept_units_from_ranking,
+    rank_units_by_votes,
     summarize_selection,
     units_to_drop,
 )
@@ -52,6 +55,9 @@ class SelectConfig:
     seed: int = 0  # tie-breaking, k-means and random baselines
     vote_topk: int = 1  # 1 = hard votes; k > 1 = each image gives 1/k to its top-k units
     runner_up_topk: int = 3  # ties in votes (zero votes, mostly) go to units more often in images' top-k; 0 = off
+    # LM/FM ranking: "votes" (the paper's rule) or "one-to-one" (each downstream class claims one unit per
+    # round, ILM-VP's greedy mapping; helps when a sink takes the top-1 but each class's unit is in its top-k)
+    vote_rule: str = "votes"
     k: int | None = None  # FM clusters; default: number of source classes
     kmeans_niter: int = 20
     kmeans_actors: int = 2
@@ -71,6 +77,8 @@ class SelectConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         units_to_drop(2, self.ratio)  # ratio range check, one line
+        if self.vote_rule not in VOTE_RULES:
+            raise UserError(f"unknown vote_rule {self.vote_rule!r}; choose one of {', '.join(VOTE_RULES)}")
         if self.vote_topk < 1:
             raise UserError(f"vote_topk must be >= 1, got {self.vote_topk}")
         if not self.downstream_features and self.method in UNIT_METHODS:
@@ -146,18 +154,34 @@ def _votes(tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray |
     return per_task[next(iter(per_task))] if len(per_task) == 1 else combine_task_votes(per_task)
 
 
+def _image_units(store: FeatureStore, centres: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A downstream store's labels and each image's top-k units (LM: at most the k the store holds)."""
+    if centres is None:
+        labels, units = label_mapping_image_units(store)
+        return labels, units[:, :k]
+    return feature_mapping_image_units(store, centres, k)
+
+
 def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: int, names: list[str]) -> dict[str, Any]:
     """Per task, :func:`mapping_diagnostics` of its images' votes (warnings also logged)."""
     out = {}
     for name, store in tasks.items():
-        k_task = k if centres is not None else min(k, int(store.manifest["topk"]))
-        labels, units = (label_mapping_image_units(store) if centres is None
-                         else feature_mapping_image_units(store, centres, k_task))
-        diag = mapping_diagnostics(units, labels, len(names), k_task, names)
+        labels, units = _image_units(store, centres, k)
+        diag = mapping_diagnostics(units, labels, len(names), units.shape[1], names)
         for w in diag.warnings:
             log.warning("task %s: %s", name, w)
         out[name] = diag.to_dict()
     return out
+
+
+def _kept_units(cfg: SelectConfig, tasks: dict[str, FeatureStore], centres: np.ndarray | None, votes: np.ndarray,
+                runner_up: np.ndarray | None) -> np.ndarray:
+    """The units kept under ``cfg.vote_rule``; for one-to-one every downstream class of every task claims units."""
+    if cfg.vote_rule == "votes":
+        return kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
+    rows = [_image_units(store, centres, max(cfg.vote_topk, cfg.runner_up_topk, 1)) for store in tasks.values()]
+    ranking = one_to_one_ranking(rows, len(votes), rank_units_by_votes(votes, cfg.seed, runner_up))
+    return kept_units_from_ranking(ranking, cfg.ratio)
 
 
 def _given_scores_file(cfg: SelectConfig) -> Path:
@@ -238,10 +262,10 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, fl
     num_units = len(names)
     votes = _votes(tasks, num_units, centres, cfg.vote_topk)
     runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk > cfg.vote_topk else None
-    kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
+    kept = _kept_units(cfg, tasks, centres, votes, runner_up)
     summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
     top = np.argsort(-votes, kind="stable")[:10]
-    extra = {**extra, "vote_topk": cfg.vote_topk, "runner_up_topk": cfg.runner_up_topk,
+    extra = {**extra, "vote_topk": cfg.vote_topk, "runner_up_topk": cfg.runner_up_topk, "vote_rule": cfg.vote_rule,
              "fraction_images_removed": summary.fraction_images_removed,
              "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top],
              "diagnostics": _diagnostics(tasks, centres, cfg.vote_topk, names)}

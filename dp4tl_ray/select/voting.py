@@ -40,6 +40,24 @@ def votes_from_topk(topk_idx: np.ndarray, num_units: int, k: int = 1) -> np.ndar
     return np.bincount(top, minlength=num_units).astype(np.float64) / k
 
 
+def class_unit_votes(unit_idx: np.ndarray, labels: np.ndarray, num_units: int, k: int = 1) -> np.ndarray:
+    """Votes ``float64[C, U]`` of each downstream class for each unit (top-k images give 1/k each)."""
+    idx = np.asarray(unit_idx)
+    idx = idx[:, None] if idx.ndim == 1 else idx
+    labels = np.asarray(labels)
+    if idx.ndim != 2 or idx.shape[0] == 0 or labels.shape != idx.shape[:1]:
+        raise UserError(f"need one label per downstream image and at least one image; got units {idx.shape}, "
+                        f"labels {labels.shape}")
+    if not 1 <= k <= idx.shape[1]:
+        raise UserError(f"k={k} must be between 1 and the {idx.shape[1]} top-k columns stored")
+    top = idx[:, :k]
+    if top.min() < 0 or top.max() >= num_units or labels.min() < 0:
+        raise UserError(f"unit indices must lie in [0, {num_units}) and labels be non-negative")
+    num_classes = int(labels.max()) + 1
+    flat = (np.repeat(labels.astype(np.int64), k) * num_units + top.ravel()).astype(np.int64)
+    return np.bincount(flat, minlength=num_classes * num_units).reshape(num_classes, num_units) / k
+
+
 def combine_task_votes(votes_per_task: Mapping[str, np.ndarray]) -> np.ndarray:
     """Sum several downstream tasks' votes, each first normalised to sum 1 so every task weighs the same."""
     if not votes_per_task:
@@ -83,9 +101,13 @@ def kept_units_for_ratio(votes: np.ndarray, ratio: float, seed: int,
 
     Zero-vote units rank last, so they are the first to go (see :func:`rank_units_by_votes` for ties).
     """
-    ranking = rank_units_by_votes(votes, seed, runner_up_votes)
-    keep = ranking.shape[0] - units_to_drop(ranking.shape[0], ratio)
-    return np.sort(ranking[:keep])
+    return kept_units_from_ranking(rank_units_by_votes(votes, seed, runner_up_votes), ratio)
+
+
+def kept_units_from_ranking(ranking: np.ndarray, ratio: float) -> np.ndarray:
+    """Sorted ids of the units left once the last ``floor(ratio * U)`` of ``ranking`` are dropped."""
+    ranking = np.asarray(ranking, np.int64)
+    return np.sort(ranking[: ranking.shape[0] - units_to_drop(ranking.shape[0], ratio)])
 
 
 def images_kept_per_units_dropped(ranking: np.ndarray, unit_sizes: np.ndarray) -> np.ndarray:
