@@ -86,7 +86,7 @@ class ExtractConfig:
     resize_size: int | None = None  # default: image_size * 8/7 (224 -> 256)
     topk: int = 5
     batch_size: int = 128
-    num_actors: int | None = None  # default: number of GPUs, else CPUs - 1 (one CPU left for decode)
+    num_actors: int | None = None  # default: number of GPUs, else one per CPU (see InferencePool)
     rows_per_block: int = 256
     seed: int = 0
     mean: tuple[float, ...] | None = None  # default: the checkpoint's, else ImageNet's
