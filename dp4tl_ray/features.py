@@ -143,7 +143,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
         ray.init()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    pool = InferencePool.plan(cfg.num_actors)
+    pool = InferencePool.plan(cfg.num_actors, max_inputs=-(-n_rows // cfg.rows_per_block))
 
     ledger = new_skip_ledger()
     ds = source.decoded(decode, cfg.rows_per_block, ledger)

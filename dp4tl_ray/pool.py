@@ -24,11 +24,15 @@ class InferencePool:
     cpus_per_actor: float = 0.0  # CPU reservation per actor (CPU actors)
 
     @classmethod
-    def plan(cls, num_actors: int | None = None) -> InferencePool:
+    def plan(cls, num_actors: int | None = None, max_inputs: int | None = None) -> InferencePool:
+        """The pool for this cluster; by default no larger than ``max_inputs`` (blocks to process),
+        as an actor that gets no block only costs its start-up."""
         import ray
 
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        if not num_actors and max_inputs:
+            num_actors = min(gpus or cpus, max_inputs)
         if gpus:
             return cls(num_actors or gpus, 1, gpus)
         return cpu_pool(cpus, num_actors)
