@@ -161,7 +161,7 @@ def score_dataset(
 ) -> pa.Table:
     """Scores of every row of the decoded ``ds`` under the models ``states``, sorted by id.
 
-    The pool has one actor per GPU, else ``CPUs - 1`` actors (one CPU left for the decode tasks).
+    The pool has one actor per GPU, else one single-threaded actor per CPU (``InferencePool``).
     """
     import ray
 
