@@ -72,10 +72,15 @@ def _cmd_index(args: argparse.Namespace) -> None:
 
 def _cmd_shard(args: argparse.Namespace) -> None:
     from dp4tl_ray.data.imagefolder import scan_image_folder
-    from dp4tl_ray.data.parquet import shard_image_folder
+    from dp4tl_ray.data.parquet import DEFAULT_QUALITY, Reencode, shard_image_folder
 
-    shards = shard_image_folder(scan_image_folder(args.root, args.class_index), args.out, args.rows_per_shard)
-    print(f"{shards.num_rows} images in {len(shards.files)} shards under {shards.root}")
+    if args.max_side is None and args.quality is not None:
+        raise UserError("--quality applies to re-encoded images only: give --max-side too")
+    quality = DEFAULT_QUALITY if args.quality is None else args.quality
+    reencode = Reencode(args.max_side, quality) if args.max_side is not None else None
+    shards = shard_image_folder(scan_image_folder(args.root, args.class_index), args.out, args.rows_per_shard, reencode)
+    resized = f" (longer side <= {reencode.max_side}, JPEG quality {reencode.quality})" if reencode else ""
+    print(f"{shards.num_rows} images in {len(shards.files)} shards under {shards.root}{resized}")
 
 
 def _cmd_extract(args: argparse.Namespace) -> None:
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--out", required=True)
     shard.add_argument("--rows-per-shard", type=int, default=1000)
     shard.add_argument("--class-index", default=None)
+    shard.add_argument("--max-side", type=int, default=None,
+                       help="re-encode images whose longer side exceeds this many pixels down to it (default: copy bytes)")
+    shard.add_argument("--quality", type=int, default=None, help="JPEG quality of re-encoded images (default 90)")
     shard.set_defaults(func=_cmd_shard)
 
     from dp4tl_ray.select.pipeline import SelectConfig

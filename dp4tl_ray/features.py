@@ -89,7 +89,7 @@ class ExtractConfig:
     resize_size: int | None = None  # default: image_size * 8/7 (224 -> 256)
     topk: int = 5
     batch_size: int = 128
-    num_actors: int | None = None  # default: number of GPUs, else CPUs - 1 (one CPU left for decode)
+    num_actors: int | None = None  # default: number of GPUs, else one per CPU (see InferencePool)
     rows_per_block: int = 256
     seed: int = 0
     mean: tuple[float, ...] | None = None  # default: the checkpoint's, else ImageNet's
@@ -149,7 +149,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    pool = InferencePool.plan(cfg.num_actors)
+    pool = InferencePool.plan(cfg.num_actors, max_inputs=-(-n_rows // cfg.rows_per_block))
 
     ledger = new_skip_ledger()
     rows = source.rows(cfg.rows_per_block)

@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 
 @dataclass(frozen=True)
 class InferencePool:
-    """One actor per GPU when the cluster has GPUs; else CPU actors sharing ``CPUs - 1`` threads,
-    leaving a CPU for the decode tasks that feed them (a pool holding every CPU stalls the stream)."""
+    """One actor per GPU when the cluster has GPUs; else by default one single-threaded actor per CPU.
+
+    CPU actors together reserve ``CPUs - 1`` so a CPU always stays schedulable for the decode tasks
+    that feed them (a pool holding every CPU stalls the stream). Decoding takes a small part of a
+    CPU next to the model (about a tenth at 64 or 224 px), so the actors run a thread per core and
+    share the decode core with it: on 2 CPUs a pool of one one-thread actor left half the machine
+    idle, and one actor with two threads (intra-op) scales worse than two actors and collapses
+    when the machine is oversubscribed."""
 
     size: int
     threads: int  # torch threads per actor (CPU actors)
     gpus: int
+    cpus_per_actor: float = 0.0  # CPU reservation per actor (CPU actors)
 
     @classmethod
-    def plan(cls, num_actors: int | None = None) -> InferencePool:
+    def plan(cls, num_actors: int | None = None, max_inputs: int | None = None) -> InferencePool:
+        """The pool for this cluster; by default no larger than ``max_inputs`` (blocks to process),
+        as an actor that gets no block only costs its start-up."""
         import ray
 
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        size = num_actors or (gpus if gpus else max(1, cpus - 1))
-        return cls(size, 1 if gpus else max(1, (cpus - 1) // size), gpus)
+        if not num_actors and max_inputs:
+            num_actors = min(gpus or cpus, max_inputs)
+        if gpus:
+            return cls(num_actors or gpus, 1, gpus)
+        return cpu_pool(cpus, num_actors)
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         """``compute``, ``num_gpus`` and ``num_cpus`` for ``Dataset.map_batches`` of the model class."""
         import ray.data
 
         return {"compute": ray.data.ActorPoolStrategy(size=self.size), "num_gpus": 1 if self.gpus else 0,
-                "num_cpus": 0 if self.gpus else self.threads}
+                "num_cpus": 0 if self.gpus else self.cpus_per_actor}
+
+
+def cpu_pool(cpus: int, num_actors: int | None = None) -> InferencePool:
+    """CPU actors for ``cpus`` CPUs: ``num_actors`` (default ``cpus``) sharing ``cpus - 1`` of reservation
+    (rounded down to Ray's 1e-4 resource grain) and ``cpus - 1`` threads (at least one each)."""
+    size = num_actors or cpus
+    share = math.floor((cpus - 1) / size * 1e4) / 1e4
+    return InferencePool(size, max(1, (cpus - 1) // size), 0, share)

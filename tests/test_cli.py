@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dp4tl_ray.cli import run
+from dp4tl_ray.data.parquet import Reencode, open_shards
 
 
 def _one_line_error(capsys) -> str:
@@ -46,6 +47,17 @@ def test_synth_index_and_shard_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 images in 3 shards" in out
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
+
+
+def test_shard_command_resizes_on_request(tmp_path, capsys, synth_dirty):
+    train = str(synth_dirty.source_dir)
+    assert run(["data", "shard", train, "--out", str(tmp_path / "s"), "--quality", "80"]) == 2
+    assert "--max-side" in _one_line_error(capsys)
+    assert run(["data", "shard", train, "--out", str(tmp_path / "s"), "--max-side", "3"]) == 2
+    assert "max_side" in _one_line_error(capsys)
+    assert run(["data", "shard", train, "--out", str(tmp_path / "s"), "--max-side", "16", "--quality", "80"]) == 0
+    assert "longer side <= 16, JPEG quality 80" in capsys.readouterr().out
+    assert open_shards(tmp_path / "s").reencode == Reencode(16, 80)
 
 
 def test_console_script_is_installed():

@@ -11,7 +11,8 @@ import pytest
 
 from dp4tl_ray.data.decode import DecodeSpec, decode_batch, decode_image
 from dp4tl_ray.data.imagefolder import read_class_index, scan_image_folder, write_class_index
-from dp4tl_ray.data.parquet import open_shards, shard_image_folder
+from dp4tl_ray.data.parquet import Reencode, open_shards, shard_image_folder
+from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 
 
@@ -82,6 +83,46 @@ def test_shards_carry_the_folder_ids_labels_and_bytes(tmp_path, synth_dirty):
     assert table.column("image")[k].as_py() == (index.root / index.paths[k]).read_bytes()
     assert open_shards(tmp_path / "shards").fingerprint == shards.fingerprint
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_resized_shards_keep_ids_labels_and_record_their_provenance(tmp_path, synth_dirty):
+    import io
+
+    from PIL import Image
+
+    index = scan_image_folder(synth_dirty.source_dir)
+    plain = shard_image_folder(index, tmp_path / "plain", rows_per_shard=17)
+    small = shard_image_folder(index, tmp_path / "small", rows_per_shard=17, reencode=Reencode(max_side=20, quality=80))
+    a = pq.ParquetDataset(plain.files).read().sort_by("id")
+    b = pq.ParquetDataset(small.files).read().sort_by("id")
+    for col in ("id", "label", "path"):
+        assert a.column(col).equals(b.column(col))
+    broken = broken_relpaths(synth_dirty)
+    for path, old, new in zip(b.column("path").to_pylist(), a.column("image").to_pylist(), b.column("image").to_pylist()):
+        if path in broken:
+            assert new == old  # left for the decode stage to skip and record
+        else:
+            with Image.open(io.BytesIO(new)) as img:
+                assert max(img.size) <= 20 and img.format == "JPEG"
+    meta = json.loads((tmp_path / "small" / "shards.json").read_text())
+    assert meta["reencode"] == {"max_side": 20, "quality": 80} and meta["source_fingerprint"] == index.fingerprint
+    assert open_shards(tmp_path / "small").reencode == Reencode(20, 80) and plain.reencode is None
+    # The existing reader takes them as any shards: same identity as the folder, same rows decoded.
+    source = open_source(tmp_path / "small")
+    assert source.format == "parquet" and index.fingerprint in source.identities
+    batch = {c: b.column(c).to_numpy(zero_copy_only=False) for c in b.column_names}
+    out = decode_batch(batch, spec=DecodeSpec(16, 16))
+    assert set(out["id"].tolist()) == {i for i, p in enumerate(index.paths) if p not in broken}
+    assert out["image"].shape[1:] == (16, 16, 3)
+
+
+def test_reencode_keeps_small_images_and_refuses_bad_settings(synth_dirty):
+    data = (synth_dirty.source_dir / scan_image_folder(synth_dirty.source_dir).paths[0]).read_bytes()
+    assert Reencode(max_side=32).apply(data) == data  # 32 px images: nothing to shrink, no generation loss
+    with pytest.raises(UserError, match="max_side"):
+        Reencode(max_side=4)
+    with pytest.raises(UserError, match="quality"):
+        Reencode(max_side=64, quality=0)
 
 
 def test_decode_resizes_shorter_side_and_centre_crops():

@@ -201,7 +201,7 @@ class ScoreEmbedder:
 def score_dataset(ds: ray.data.Dataset, spec: ModelSpec, checkpoints: list[str], cfg: ScoreConfig) -> pa.Table:
     """``id, <cfg.score>`` of every row of the decoded ``ds`` under the models in ``checkpoints``, sorted by id.
 
-    The pool has one actor per GPU, else ``CPUs - 1`` actors (one CPU left for the decode tasks)."""
+    The pool has one actor per GPU, else one single-threaded actor per CPU (``InferencePool``)."""
     import ray
 
     pool = InferencePool.plan(cfg.num_actors)
