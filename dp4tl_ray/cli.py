@@ -100,9 +100,11 @@ def format_extract_summary(store) -> str:
 
 
 def _cmd_select(args: argparse.Namespace) -> None:
-    from dp4tl_ray.select.pipeline import SelectConfig, format_keepset_summary, select_keepset
+    from dp4tl_ray.select.pipeline import ACTOR_METHODS, SelectConfig, format_keepset_summary, select_keepset
 
     cfg = _config_from_args(SelectConfig, args)
+    if cfg.method in ACTOR_METHODS:
+        init_ray()
     print(format_keepset_summary(select_keepset(cfg), cfg.out))
 
 
@@ -144,14 +146,12 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None, help="override sweep.work_dir (shared artifacts)")
 
 
-def init_ray_for_sweep() -> None:
+def init_ray(trial_resource: str | None = None) -> None:
     """Attach to the cluster a job runs on (RAY_ADDRESS, set by `ray job submit`), else start an embedded
-    local Ray whose node holds the trial-driver resource the sweep's Tune trials ask for."""
+    local Ray (whose node holds ``trial_resource``, one per CPU, when given)."""
     import os
 
     import ray
-
-    from dp4tl_ray.sweep import TRIAL_RESOURCE
 
     if ray.is_initialized():
         return
@@ -159,8 +159,15 @@ def init_ray_for_sweep() -> None:
         ray.init()
     else:
         cpus = os.cpu_count() or 2
-        ray.init(address="local", num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, resources={trial_resource: cpus} if trial_resource else None,
+                 include_dashboard=False, log_to_driver=False)
+
+
+def init_ray_for_sweep() -> None:
+    """``init_ray`` with the trial-driver resource the sweep's Tune trials ask for."""
+    from dp4tl_ray.sweep import TRIAL_RESOURCE
+
+    init_ray(TRIAL_RESOURCE)
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
