@@ -149,12 +149,10 @@ def _votes(tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray |
 
 def _image_scores(cfg: SelectConfig, source: FeatureStore):
     """``id, el2n, grand`` per source row: read from ``cfg.scores`` (a scores.parquet or its directory),
-    else computed once and cached next to the source features."""
+    else computed once and cached next to the source features (torch is imported only to compute them)."""
     import pyarrow.parquet as pq
 
-    from dp4tl_ray.data.decode import DecodeSpec
-    from dp4tl_ray.models import ModelSpec
-    from dp4tl_ray.select.scores import SCORES_FILE, compute_scores
+    from dp4tl_ray.select.baselines import SCORES_FILE
 
     cache = source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
     path = Path(cfg.scores) if cfg.scores else cache
@@ -163,6 +161,10 @@ def _image_scores(cfg: SelectConfig, source: FeatureStore):
         return pq.read_table(file)
     if cfg.scores:
         raise UserError(f"scores file {file} not found; drop --scores to compute them")
+    from dp4tl_ray.data.decode import DecodeSpec
+    from dp4tl_ray.models import ModelSpec
+    from dp4tl_ray.select.scores import compute_scores
+
     m = source.manifest
     spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
     return compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,

@@ -34,12 +34,13 @@ from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.pool import InferencePool
+from dp4tl_ray.select import baselines
 from dp4tl_ray.models import ModelSpec, Surrogate, build_model
 
 if TYPE_CHECKING:
     import ray.data
 
-SCORES_FILE = "scores.parquet"
+SCORES_FILE = baselines.SCORES_FILE
 SCHEMA = pa.schema([("id", pa.int64()), ("el2n", pa.float32()), ("grand", pa.float32())])
 GRAND_PARAMS = ("all", "last")
 MOMENTUM = 0.9
