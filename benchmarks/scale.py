@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--tasks", type=int, default=3, help="downstream stores (multi-task votes)")
     p.add_argument("--task-rows", type=int, default=10_000)
-    p.add_argument("--niter", type=int, default=5, help="FM's k-means iterations (k = classes)")
+    p.add_argument("--niter", type=int, default=3, help="FM's k-means iterations (k = classes)")
     p.add_argument("--actors", type=int, default=2, help="actors holding the source features")
     p.add_argument("--ratio", type=float, default=0.8, help="pruning ratio (image methods keep 1 - ratio of the images)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -12,7 +12,7 @@ import pytest
 from dp4tl_ray.data.synthetic_features import ClusterSpec, write_source_store, write_task_store
 from dp4tl_ray.select.baselines import moderate
 from dp4tl_ray.select.class_stats import class_means, class_ranges
-from dp4tl_ray.select.feature_mapping import feature_mapping_votes
+from dp4tl_ray.select.feature_mapping import SUM_CHUNK_ROWS, class_sums, feature_mapping_votes
 from dp4tl_ray.select.pipeline import SelectConfig, majority_class, select_keepset
 
 
@@ -23,6 +23,15 @@ def test_class_ranges_cover_every_class_with_about_equal_rows():
     ranges = class_ranges(np.random.default_rng(0).integers(1, 100, 1000), 7)
     assert ranges[0][0] == 0 and ranges[-1][1] == 1000 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert class_ranges(np.array([3, 1]), 4) == [(0, 1), (1, 2)]  # never an empty range
+
+
+def test_class_sums_add_every_row_of_each_class_across_chunks():
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((SUM_CHUNK_ROWS * 2 + 7, 3)).astype(np.float32), rng.integers(0, 5, SUM_CHUNK_ROWS * 2 + 7)
+    labels[labels == 3] = 4  # class 3 has no rows
+    sums, counts = class_sums(x, labels, 6)
+    assert counts.tolist() == np.bincount(labels, minlength=6).tolist() and counts[3] == 0
+    assert np.allclose(sums, [x[labels == c].sum(axis=0, dtype=np.float64) for c in range(6)])
 
 
 def test_majority_class_names_each_cluster_by_its_most_frequent_class():

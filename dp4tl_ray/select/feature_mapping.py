@@ -14,10 +14,16 @@ from dp4tl_ray.featurestore import FeatureStore
 from dp4tl_ray.select.voting import votes_from_topk
 
 
+SUM_CHUNK_ROWS = 16384  # rows sorted and summed at a time: bounded temporaries, ~10x faster than np.add.at
+
+
 def class_sums(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class feature sums (float64) and row counts: the mergeable part of class means."""
+    from dp4tl_ray.kmeans.lloyd import cluster_sums
+
     sums = np.zeros((num_classes, features.shape[1]), np.float64)
-    np.add.at(sums, labels, features)
+    for start in range(0, len(labels), SUM_CHUNK_ROWS):
+        sums += cluster_sums(features[start:start + SUM_CHUNK_ROWS], labels[start:start + SUM_CHUNK_ROWS], num_classes)
     return sums, np.bincount(labels, minlength=num_classes)
 
 
