@@ -165,7 +165,7 @@ def main() -> None:
         print(json.dumps(run_method(args)), flush=True)
         return
 
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="p6-", dir=os.environ.get("TMPDIR")))
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="p6-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         write_s = write_world(root, args.rows, args.classes, args.dim, args.topk, args.tasks, args.task_rows)
