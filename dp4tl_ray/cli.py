@@ -176,8 +176,6 @@ def init_ray(worker_logs: bool = True) -> None:
 
     import ray
 
-    from dp4tl_ray.sweep import TRIAL_RESOURCE
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

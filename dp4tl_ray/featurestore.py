@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 from dp4tl_ray.errors import UserError
 
 MANIFEST = "manifest.json"
+READ_BATCH_ROWS = 4096  # rows per decoded batch when an actor reads store files
+READ_BUFFER_BYTES = 1 << 20  # parquet read buffer (streamed, not the whole column chunk at once)
 
 
 def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_logit: np.ndarray) -> pa.Table:
@@ -93,3 +95,46 @@ def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     d = arr.type.list_size
     return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, d)
+
+
+def read_rows(paths: list[Path], label_range: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ids int64[n], labels int32[n], features float32[n, d]`` of some FeatureStore parquet files, in file order;
+    with ``label_range = (lo, hi)`` only the rows with ``lo <= label < hi``.
+
+    Streamed in small batches into arrays sized up front (from the footers, or from a first pass over the
+    label column when filtering, which also skips row groups holding none of the range), so the only
+    sizeable new memory is the result: Arrow's decode buffers stay small and are reused batch after batch
+    (reading whole row groups allocated ~5x the features in transient buffers). ``ParquetFile`` also skips
+    the ``pyarrow.dataset`` import that ``pq.read_table`` pays on first use.
+    """
+    files = [pq.ParquetFile(p, buffer_size=READ_BUFFER_BYTES, pre_buffer=False) for p in paths]
+    groups = [list(range(f.num_row_groups)) for f in files]
+    if label_range is None:
+        n = sum(f.metadata.num_rows for f in files)
+    else:
+        lo, hi = label_range
+        n = 0
+        for f, rgs in zip(files, groups):
+            wanted = []
+            for rg in rgs:
+                labels = f.read_row_group(rg, columns=["label"], use_threads=False).column(0).to_numpy()
+                hits = int(np.count_nonzero((labels >= lo) & (labels < hi)))
+                if hits:
+                    wanted.append(rg)
+                    n += hits
+            rgs[:] = wanted
+    d = files[0].schema_arrow.field("feature").type.list_size
+    ids, labels, x = np.empty(n, np.int64), np.empty(n, np.int32), np.empty((n, d), np.float32)
+    start = 0
+    for f, rgs in zip(files, groups):
+        if not rgs:
+            continue
+        for batch in f.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=rgs, columns=["id", "label", "feature"],
+                                    use_threads=False):
+            lab = batch.column(1).to_numpy()
+            keep = slice(None) if label_range is None else (lab >= label_range[0]) & (lab < label_range[1])
+            b_ids, b_x = batch.column(0).to_numpy()[keep], feature_matrix(batch.column(2))[keep]
+            end = start + len(b_ids)
+            ids[start:end], labels[start:end], x[start:end] = b_ids, lab[keep], b_x
+            start = end
+    return ids, labels, x

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.select.baselines import image_budget, moderate, random_by_class, random_by_image, top_scores
+from dp4tl_ray.select.baselines import (
+    class_quotas,
+    distances_to_class_median,
+    image_budget,
+    moderate,
+    random_by_class,
+    random_by_image,
+    top_scores,
+)
 from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta
 
 
@@ -69,19 +77,54 @@ def test_random_by_class_drops_whole_classes():
     assert np.array_equal(random_by_class(labels, ids, ratio=0.0, seed=3), np.arange(500))
 
 
-def test_moderate_keeps_images_nearest_their_class_median_distance():
-    # Class 0 on the x axis: distances to its centre (0, 0) are 2 1 0 1 2, median 1, scores 1 0 1 0 1.
-    # Class 1 far away: distances 3.25 1.25 0.75 3.75 to its centre, median 2.25, scores 1 1 1.5 1.5.
-    feats = np.array([[-2, 0], [-1, 0], [0, 0], [1, 0], [2, 0],
+def test_moderate_scores_distance_to_the_class_median_and_keeps_the_middle_band():
+    # Class 0 on the x axis: median (0, 0) - the mean would be (1.6, 0) - so distances are 2 1 0 1 10.
+    # Class 1: median (10, 10), distances 3 1 1 4 (ids 21 and 22 tie: the smaller id ranks first).
+    feats = np.array([[-2, 0], [-1, 0], [0, 0], [1, 0], [10, 0],
                       [10, 7], [10, 9], [10, 11], [10, 14]], dtype=np.float32)
     labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
     ids = np.array([10, 11, 12, 13, 14, 20, 21, 22, 23])
-    assert moderate(feats, labels, ids, budget=2).tolist() == [11, 13]
-    # Five images tie at score 1: the smaller ids win.
-    assert moderate(feats, labels, ids, budget=4).tolist() == [10, 11, 12, 13]
-    assert moderate(feats, labels, ids, budget=7).tolist() == [10, 11, 12, 13, 14, 20, 21]
+    assert np.allclose(distances_to_class_median(feats, labels), [2, 1, 0, 1, 10, 3, 1, 1, 4])
+    # budget 4 of 9: quotas 2.2 -> 2 and 1.8 -> 2; class 0 drops its closest (12) and farthest (14, 10),
+    # class 1 drops its closest (21) and farthest (23)
+    assert moderate(feats, labels, ids, budget=4).tolist() == [11, 13, 20, 22]
+    assert moderate(feats, labels, ids, budget=9).tolist() == ids.tolist()
     perm = np.random.default_rng(0).permutation(9)
-    assert moderate(feats[perm], labels[perm], ids[perm], budget=7).tolist() == [10, 11, 12, 13, 14, 20, 21]
+    assert moderate(feats[perm], labels[perm], ids[perm], budget=4).tolist() == [11, 13, 20, 22]
+    # Xia et al.'s global band over all nine sorted distances 0 1 1 1 1 2 3 4 10 (ids 12 11 13 21 22 10 20 23 14):
+    # the two closest and the three farthest dropped
+    assert moderate(feats, labels, ids, budget=4, band="global").tolist() == [10, 13, 21, 22]
+    with pytest.raises(UserError, match="band must be one of per-class, global"):
+        moderate(feats, labels, ids, budget=4, band="classwise")
+
+
+def test_moderate_keeps_the_same_fraction_of_a_tight_and_a_spread_class():
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(0, 0.1, (1000, 8)), rng.normal(5, 3.0, (1000, 8))]).astype(np.float32)
+    labels, ids = np.repeat([0, 1], 1000), np.arange(2000)
+    kept = moderate(feats, labels, ids, budget=600)
+    assert np.bincount(labels[kept], minlength=2).tolist() == [300, 300]
+    # the band drops both extremes of each class: 350 closest and 350 farthest
+    dist = distances_to_class_median(feats, labels)
+    for c in (0, 1):
+        rows = np.flatnonzero(labels == c)
+        order = rows[np.argsort(dist[rows], kind="stable")]
+        assert sorted(kept[labels[kept] == c].tolist()) == sorted(order[350:650].tolist())
+    # the global band: the middle 600 of all 2000 sorted distances
+    glob = moderate(feats, labels, ids, budget=600, band="global")
+    assert np.array_equal(glob, np.sort(np.argsort(dist, kind="stable")[700:1300]))
+
+
+def test_class_quotas_share_the_budget_by_class_size_and_add_up():
+    assert class_quotas(np.array([1000, 1000]), 600).tolist() == [300, 300]
+    # 10 * 7/30 = 2.33, 20 * 7/30 = 4.67: floors 2 + 4, the larger remainder gets the last one
+    assert class_quotas(np.array([10, 20]), 7).tolist() == [2, 5]
+    # equal remainders go to the smaller class index; a quota never exceeds its class
+    assert class_quotas(np.array([3, 3, 3]), 4).tolist() == [2, 1, 1]
+    counts = np.random.default_rng(1).integers(1, 50, 200)
+    for budget in (1, 17, int(counts.sum()) // 3, int(counts.sum())):
+        q = class_quotas(counts, budget)
+        assert q.sum() == budget and (q <= counts).all() and (np.abs(q - counts * budget / counts.sum()) < 1).all()
 
 
 def test_top_scores_keeps_the_highest_scores_ties_by_smaller_id():

@@ -15,7 +15,8 @@ import numpy as np
 
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore
-from dp4tl_ray.select.feature_mapping import class_means_of_store, nearest_centres
+from dp4tl_ray.select.class_stats import class_means
+from dp4tl_ray.select.feature_mapping import nearest_centres
 from dp4tl_ray.select.keepset import KeepSet, isin_sorted
 from dp4tl_ray.select.pipeline import UNIT_METHODS
 from dp4tl_ray.select.voting import (
@@ -178,7 +179,8 @@ def load_evidence(path: str | Path) -> Evidence:
         unit_of_row, closeness, centres, names = _fm_units(ks, path, source, ids)
     else:
         unit_of_row, names = labels, classes
-        centres = class_means_of_store(source, len(classes)) if meta.method == "fm-classmean" else None
+        # fm-classmean: the class means again from actors reading the store (the features never reach this process)
+        centres = class_means(source, len(classes), 1) if meta.method == "fm-classmean" else None
     vote_topk = int(meta.extra.get("vote_topk", 1))
     runner_up_topk = int(meta.extra.get("runner_up_topk", 0))
     tasks = [_task_votes(name, _store(p, f"downstream ({name})", path), centres, len(names), vote_topk,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_matrix
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore, read_rows
 from dp4tl_ray.kmeans.backends import probe_backend
 from dp4tl_ray.kmeans.config import KMeansConfig, KMeansResult
 from dp4tl_ray.kmeans.shards import Shard, Shards, kmeans_on_shards
@@ -27,30 +27,12 @@ from dp4tl_ray.kmeans.shards import Shard, Shards, kmeans_on_shards
 log = logging.getLogger(__name__)
 
 INLINE_BYTES = 100 << 10  # arrays up to this size ride inside the task (Ray's own inline limit); larger: one ray.put
-READ_BATCH_ROWS = 4096  # rows per decoded batch when a shard actor reads its files
-READ_BUFFER_BYTES = 1 << 20  # parquet read buffer (streamed, not the whole column chunk at once)
 
 
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order.
-
-    Streamed in small batches into arrays sized from the footers, so the only sizeable new memory
-    is the result: Arrow's decode buffers stay small and are reused batch after batch (reading
-    whole row groups allocated ~5x the features in transient buffers, and fresh memory is slow to
-    touch on VMs that hand idle memory back). ``ParquetFile`` also skips the ``pyarrow.dataset``
-    import that ``pq.read_table`` pays on first use.
-    """
-    files = [pq.ParquetFile(p, buffer_size=READ_BUFFER_BYTES, pre_buffer=False) for p in paths]
-    n = sum(f.metadata.num_rows for f in files)
-    d = files[0].schema_arrow.field("feature").type.list_size
-    ids, x = np.empty(n, np.int64), np.empty((n, d), np.float32)
-    start = 0
-    for f in files:
-        for batch in f.iter_batches(batch_size=READ_BATCH_ROWS, columns=["id", "feature"], use_threads=False):
-            end = start + batch.num_rows
-            ids[start:end] = batch.column(0).to_numpy()
-            x[start:end] = feature_matrix(batch.column(1))
-            start = end
+    """``ids int64[n], features float32[n, d]`` of some FeatureStore parquet files, in file order (streamed:
+    see :func:`dp4tl_ray.featurestore.read_rows`)."""
+    ids, _, x = read_rows(paths)
     return ids, x
 
 

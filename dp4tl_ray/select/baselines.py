@@ -16,6 +16,7 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.select.keepset import KeepSet, keep_ids_for_units
 from dp4tl_ray.select.voting import units_to_drop
 
+SCORES_FILE = "scores.parquet"  # id and a score (el2n or grand) per source image: written by select.scores, read here
 # Absorbs float error in keep_fraction * total (0.7 * 10 = 6.999999999999999).
 _FRACTION_EPS = 1e-9
 
@@ -50,13 +51,64 @@ def random_by_image(ids: np.ndarray, budget: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(ids, size=budget, replace=False))
 
 
-def moderate(features: np.ndarray, labels: np.ndarray, ids: np.ndarray, budget: int) -> np.ndarray:
-    """Moderate-DS (Xia et al., ICLR 2023): keep the images whose distance to their class centre is
-    nearest that class's median distance.
+MODERATE_BANDS = ("per-class", "global")
 
-    The centre is the class's mean feature and the distance Euclidean; the score
-    ``|d - median_class(d)|`` is ranked over all images, lowest kept, ties broken by smaller id.
+
+def distances_to_class_median(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's Euclidean distance (float64) to its class prototype, the class's coordinate-wise median
+    feature (Moderate-DS's score). A class at a time, so the same rows give the same distances in any order."""
+    feats, labels = np.asarray(features), np.asarray(labels)
+    dist = np.empty(feats.shape[0])
+    order = np.argsort(labels, kind="stable")
+    for rows in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
+        f = feats[rows].astype(np.float64)
+        dist[rows] = np.linalg.norm(f - np.median(f, axis=0), axis=1)
+    return dist
+
+
+def class_quotas(counts: np.ndarray, budget: int) -> np.ndarray:
+    """Images kept per class when every class keeps the fraction ``budget / n``: the floors of
+    ``count * budget / n``, plus one for the largest remainders (ties to the smaller class index) so
+    the quotas add up to ``budget`` exactly."""
+    counts = np.asarray(counts, np.int64)
+    n = int(counts.sum())
+    quota, rem = np.divmod(counts * budget, n)
+    quota[np.lexsort((np.arange(len(counts)), -rem))[: budget - int(quota.sum())]] += 1
+    return quota
+
+
+def moderate_from_distances(dist: np.ndarray, labels: np.ndarray, ids: np.ndarray, budget: int,
+                            band: str = "per-class") -> np.ndarray:
+    """Sorted ids in the middle band of the sorted distances, ``budget`` of them (ties by smaller id).
+
+    ``per-class`` (DP4TL's protocol): each class keeps its :func:`class_quotas` share from the middle of
+    its own sorted distances, ``(n_c - q_c) // 2`` closest and the rest of the farthest dropped.
+    ``global`` (Xia et al.'s released code): one middle band over all images' distances.
     """
+    dist, labels, ids = np.asarray(dist, np.float64), np.asarray(labels), _unique_ids(ids)
+    if band not in MODERATE_BANDS:
+        raise UserError(f"moderate band must be one of {', '.join(MODERATE_BANDS)}, got {band!r}")
+    if dist.shape != ids.shape or labels.shape != ids.shape:
+        raise UserError(f"distances, labels and ids must be 1-D of equal length, got {dist.shape}, {labels.shape}, {ids.shape}")
+    budget = _checked_budget(budget, ids.shape[0])
+    if band == "global":
+        order = np.lexsort((ids, dist))
+        low = (len(ids) - budget) // 2
+        return np.sort(ids[order[low:low + budget]])
+    classes, cls = np.unique(labels, return_inverse=True)
+    counts = np.bincount(cls, minlength=len(classes))
+    quota = class_quotas(counts, budget)
+    order = np.lexsort((ids, dist, cls))  # by class, then distance, then id
+    start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(len(ids)) - np.repeat(start, counts)  # position within the class
+    low = np.repeat((counts - quota) // 2, counts)
+    keep = (rank >= low) & (rank < low + np.repeat(quota, counts))
+    return np.sort(ids[order[keep]])
+
+
+def moderate(features: np.ndarray, labels: np.ndarray, ids: np.ndarray, budget: int, band: str = "per-class") -> np.ndarray:
+    """Moderate-DS (Xia et al., ICLR 2023) in memory: distance to the class's median feature, middle band kept
+    (see :func:`moderate_from_distances`). The reference for the distributed path in ``select.class_stats``."""
     feats = np.asarray(features)
     labels, ids = np.asarray(labels), _unique_ids(ids)
     if feats.ndim != 2 or feats.shape[0] != ids.shape[0] or labels.shape != ids.shape:
@@ -65,14 +117,7 @@ def moderate(features: np.ndarray, labels: np.ndarray, ids: np.ndarray, budget: 
         )
     if not np.isfinite(feats).all():
         raise UserError("features must be finite; re-run `dp4tl extract`")
-    budget = _checked_budget(budget, ids.shape[0])
-    _, cls = np.unique(labels, return_inverse=True)
-    score = np.empty(ids.shape[0])
-    for rows in np.split(np.argsort(cls, kind="stable"), np.cumsum(np.bincount(cls))[:-1]):
-        f = feats[rows].astype(np.float64)  # one class at a time: memory stays at one class's features
-        dist = np.linalg.norm(f - f.mean(axis=0), axis=1)
-        score[rows] = np.abs(dist - np.median(dist))
-    return _lowest(score, ids, budget)
+    return moderate_from_distances(distances_to_class_median(feats, labels), labels, ids, budget, band)
 
 
 def top_scores(scores: np.ndarray, ids: np.ndarray, budget: int) -> np.ndarray:

@@ -1,40 +1,30 @@
 """Feature Mapping (FM): downstream images vote for their nearest source cluster centre.
 
 ``fm`` clusters the source features with k-means (the paper's method); ``fm-classmean`` uses the
-per-class mean features as the centres, i.e. votes for the nearest class mean (what the paper's
+per-class mean features as the centres (summed on actors, ``select.class_stats``), i.e. votes for the nearest class mean (what the paper's
 released code does, there with an indexing bug that sends every vote to class 0 - done right here).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import FeatureStore, feature_matrix
+from dp4tl_ray.featurestore import FeatureStore
 from dp4tl_ray.select.voting import votes_from_topk
+
+
+SUM_CHUNK_ROWS = 16384  # rows sorted and summed at a time: bounded temporaries, ~10x faster than np.add.at
 
 
 def class_sums(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-class feature sums (float64) and row counts: the mergeable part of class means."""
+    from dp4tl_ray.kmeans.lloyd import cluster_sums
+
     sums = np.zeros((num_classes, features.shape[1]), np.float64)
-    np.add.at(sums, labels, features)
+    for start in range(0, len(labels), SUM_CHUNK_ROWS):
+        sums += cluster_sums(features[start:start + SUM_CHUNK_ROWS], labels[start:start + SUM_CHUNK_ROWS], num_classes)
     return sums, np.bincount(labels, minlength=num_classes)
-
-
-def class_means_of_store(store: FeatureStore, num_classes: int) -> np.ndarray:
-    """Mean feature of each source class, one parquet file at a time (bounded memory at ImageNet scale)."""
-    sums = np.zeros((num_classes, store.dim), np.float64)
-    counts = np.zeros(num_classes, np.int64)
-    for f in store.files:
-        t = pq.read_table(f, columns=["label", "feature"])
-        s, c = class_sums(feature_matrix(t.column("feature")), t.column("label").to_numpy(), num_classes)
-        sums += s
-        counts += c
-    if (counts == 0).any():
-        missing = np.flatnonzero(counts == 0)[:5].tolist()
-        raise UserError(f"class(es) {missing} have no source features; re-extract or fix the class index")
-    return (sums / counts[:, None]).astype(np.float32)
 
 
 def feature_mapping_votes(downstream: FeatureStore, centres: np.ndarray, k: int = 1) -> np.ndarray:

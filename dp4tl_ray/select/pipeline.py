@@ -23,8 +23,10 @@ import numpy as np
 from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import FeatureStore
+from dp4tl_ray.select.baselines import MODERATE_BANDS
+from dp4tl_ray.select.class_stats import class_means, median_distances
 from dp4tl_ray.select.diagnostics import mapping_diagnostics
-from dp4tl_ray.select.feature_mapping import class_means_of_store, feature_mapping_image_units, feature_mapping_votes
+from dp4tl_ray.select.feature_mapping import feature_mapping_image_units, feature_mapping_votes
 from dp4tl_ray.select.keepset import META_FILE, KeepSet, KeepSetMeta, keep_ids_for_units
 from dp4tl_ray.select.label_mapping import label_mapping_image_units, label_mapping_votes
 from dp4tl_ray.select.vote_rules import VOTE_RULES, one_to_one_ranking
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 UNIT_METHODS = ("lm", "fm", "fm-classmean")
 IMAGE_METHODS = ("random-image", "moderate", "el2n", "grand")  # prune images to an image budget
 METHODS = UNIT_METHODS + ("random-class",) + IMAGE_METHODS
+ACTOR_METHODS = ("fm", "fm-classmean", "moderate")  # read the source features on Ray actors
 
 
 @dataclass
@@ -58,9 +61,10 @@ class SelectConfig:
     # LM/FM ranking: "votes" (the paper's rule) or "one-to-one" (each downstream class claims one unit per
     # round, ILM-VP's greedy mapping; helps when a sink takes the top-1 but each class's unit is in its top-k)
     vote_rule: str = "votes"
+    moderate_band: str = "per-class"  # Moderate-DS: every class keeps the same fraction (DP4TL); "global": Xia et al.'s one band
     k: int | None = None  # FM clusters; default: number of source classes
     kmeans_niter: int = 20
-    kmeans_actors: int = 2
+    kmeans_actors: int = 2  # actors holding the source features (k-means shards, class means, Moderate-DS classes)
     kmeans_gpus_per_actor: float = 0  # > 0: actors assign on a GPU (faiss GPU, else torch CUDA); 0.5 packs 2 per GPU
     spherical: bool = False
     # Image-level baselines keep an image budget: as many images as the keep-set `match` (the method
@@ -79,6 +83,8 @@ class SelectConfig:
         units_to_drop(2, self.ratio)  # ratio range check, one line
         if self.vote_rule not in VOTE_RULES:
             raise UserError(f"unknown vote_rule {self.vote_rule!r}; choose one of {', '.join(VOTE_RULES)}")
+        if self.moderate_band not in MODERATE_BANDS:
+            raise UserError(f"moderate_band must be one of {', '.join(MODERATE_BANDS)}, got {self.moderate_band!r}")
         if self.vote_topk < 1:
             raise UserError(f"vote_topk must be >= 1, got {self.vote_topk}")
         if not self.downstream_features and self.method in UNIT_METHODS:
@@ -122,7 +128,7 @@ def _units(cfg: SelectConfig, source: FeatureStore,
     if cfg.method == "lm":
         return ids, labels, None, list(classes), {}
     if cfg.method == "fm-classmean":
-        return ids, labels, class_means_of_store(source, len(classes)), list(classes), {}
+        return ids, labels, class_means(source, len(classes), cfg.kmeans_actors), list(classes), {}
     from dp4tl_ray.kmeans import kmeans_distributed, load_assignments
 
     kcfg = kmeans_config(cfg, source)
@@ -133,15 +139,25 @@ def _units(cfg: SelectConfig, source: FeatureStore,
     a_ids, clusters = assign.column("id").to_numpy(), assign.column("cluster").to_numpy()
     if not np.array_equal(a_ids, ids):
         raise UserError(f"k-means assignments at {result.out_dir} do not cover the store's ids; delete that directory and re-run")
-    names = []
-    for c in range(kcfg.k):
-        members = labels[clusters == c]
-        top = np.bincount(members, minlength=len(classes)).argmax() if len(members) else None
-        share = (members == top).mean() if len(members) else 0.0
-        names.append(f"cluster {c} ({share:.0%} {classes[top]})" if top is not None else f"cluster {c} (empty)")
+    top, share = majority_class(clusters, labels, kcfg.k)
+    names = [f"cluster {c} ({share[c]:.0%} {classes[top[c]]})" if top[c] >= 0 else f"cluster {c} (empty)"
+             for c in range(kcfg.k)]
     extra = {"kmeans": {"k": kcfg.k, "niter": kcfg.niter, "spherical": kcfg.spherical, "backend": result.backend,
                         "objective": result.objective[-1], "dir": str(result.out_dir)}}
     return ids, clusters, result.centroids, names, extra
+
+
+def majority_class(units: np.ndarray, labels: np.ndarray, num_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: its most frequent class (smallest on ties; -1 when empty) and that class's share of its rows.
+    One sort of the rows, so it stays cheap at 21k clusters x 13M rows."""
+    pairs, counts = np.unique(units.astype(np.int64) * (int(labels.max()) + 1) + labels, return_counts=True)
+    unit_of_pair, class_of_pair = np.divmod(pairs, int(labels.max()) + 1)
+    best = np.lexsort((class_of_pair, -counts, unit_of_pair))  # per unit: highest count, then smallest class
+    first = best[np.concatenate(([True], np.diff(unit_of_pair[best]) != 0))]
+    top, share = np.full(num_units, -1), np.zeros(num_units)
+    top[unit_of_pair[first]] = class_of_pair[first]
+    share[unit_of_pair[first]] = counts[first] / np.bincount(units, minlength=num_units)[unit_of_pair[first]]
+    return top, share
 
 
 def _votes(tasks: dict[str, FeatureStore], num_units: int, centres: np.ndarray | None, k: int) -> np.ndarray:
@@ -186,7 +202,7 @@ def _kept_units(cfg: SelectConfig, tasks: dict[str, FeatureStore], centres: np.n
 
 def _given_scores_file(cfg: SelectConfig) -> Path:
     """The scores.parquet ``cfg.scores`` names (the file or its directory)."""
-    from dp4tl_ray.select.scores import SCORES_FILE
+    from dp4tl_ray.select.baselines import SCORES_FILE
 
     path = Path(cfg.scores)
     return path / SCORES_FILE if path.suffix != ".parquet" else path
@@ -230,13 +246,15 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str
         if cfg.method == "random-image":
             kept = baselines.random_by_image(ids, budget, cfg.seed)
         elif cfg.method == "moderate":
-            f_ids, f_labels, feats, _ = source.arrays()
-            kept = baselines.moderate(feats, f_labels, f_ids, budget)
+            dist = median_distances(source, ids, labels, cfg.kmeans_actors)
+            kept = baselines.moderate_from_distances(dist, labels, ids, budget, cfg.moderate_band)
         else:
             scores = _image_scores(cfg, source, spent)
             kept = baselines.top_scores(scores.table.column(cfg.method).to_numpy(), scores.table.column("id").to_numpy(), budget)
             scored = {"scores": scores.meta}  # settings and cost (scores_seconds) of the scores used
         extra = {"budget": budget, "matched": cfg.match, **scored}
+        if cfg.method == "moderate":
+            extra["moderate_band"] = cfg.moderate_band
     classes_kept = int((np.bincount(labels[np.isin(ids, kept)], minlength=num_classes) > 0).sum())
     unit_level = cfg.method == "random-class"
     meta = KeepSetMeta(method=cfg.method, ratio=cfg.ratio, units_kept=classes_kept if unit_level else len(kept),
@@ -331,8 +349,9 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
 
 
 def uses_ray(cfg: SelectConfig) -> bool:
-    """Whether the selection may start Ray work: FM's k-means, EL2N/GraNd scores computed here."""
-    return cfg.method == "fm" or (cfg.method in ("el2n", "grand") and not cfg.scores)
+    """Whether the selection may start Ray work: source features read on actors (FM's k-means, class
+    statistics), EL2N/GraNd scores computed here."""
+    return cfg.method in ACTOR_METHODS or (cfg.method in ("el2n", "grand") and not cfg.scores)
 
 
 def format_keepset_summary(ks: KeepSet, path: str | Path) -> str:

@@ -40,12 +40,13 @@ from dp4tl_ray.data.source import ImageSource, open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_model, save_checkpoint, to_model_input
 from dp4tl_ray.pool import InferencePool
+from dp4tl_ray.select import baselines
 
 if TYPE_CHECKING:
     import ray.data
 
 SCORES = ("el2n", "grand")
-SCORES_FILE = "scores.parquet"
+SCORES_FILE = baselines.SCORES_FILE
 META_FILE = "scores.json"
 META_KEY = b"dp4tl_scores"  # the same metadata in the parquet schema, so a copied file keeps it
 RUNS_DIR = "runs"  # EL2N: the Ray Train runs, one per seed
