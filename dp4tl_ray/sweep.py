@@ -304,7 +304,9 @@ def _image_methods() -> tuple[str, ...]:
 
 
 def _uses_kmeans(method: str) -> bool:
-    return method == "fm"
+    from dp4tl_ray.select.pipeline import KMEANS_METHODS
+
+    return method in KMEANS_METHODS
 
 
 def prepare(plan: SweepPlan) -> Shared:

@@ -26,7 +26,11 @@ from dp4tl_ray.select.voting import (
 )
 
 log = logging.getLogger(__name__)
-UNIT_METHODS = ("lm", "fm", "fm-classmean")
+# "<method>-reverse" keeps the *least* voted units (the reference code's `reverse` flag): a sanity
+# ablation that should transfer worse than random-class, never a method to use.
+REVERSE = "-reverse"
+UNIT_METHODS = ("lm", "fm", "fm-classmean", "lm" + REVERSE, "fm" + REVERSE)
+KMEANS_METHODS = ("fm", "fm" + REVERSE)  # their units are k-means clusters of the source features
 IMAGE_METHODS = ("random-image", "moderate", "el2n", "grand")  # prune images to an image budget
 METHODS = UNIT_METHODS + ("random-class",) + IMAGE_METHODS
 
@@ -42,7 +46,9 @@ class SelectConfig:
     out: str = "keepset"
     seed: int = 0  # tie-breaking, k-means and random baselines
     vote_topk: int = 1  # 1 = hard votes; k > 1 = each image gives 1/k to its top-k units
-    runner_up_topk: int = 3  # ties in votes (zero votes, mostly) go to units more often in images' top-k; 0 = off
+    # 0 = the paper's rule: ties in top-1 votes (zero votes, mostly) broken by a seeded permutation.
+    # k > vote_topk = the runner-up variant: ties go first to units more often in the images' top-k.
+    runner_up_topk: int = 0
     k: int | None = None  # FM clusters; default: number of source classes
     kmeans_niter: int = 20
     kmeans_actors: int = 2
@@ -62,6 +68,8 @@ class SelectConfig:
         units_to_drop(2, self.ratio)  # ratio range check, one line
         if self.vote_topk < 1:
             raise UserError(f"vote_topk must be >= 1, got {self.vote_topk}")
+        if self.runner_up_topk and self.runner_up_topk <= self.vote_topk:
+            raise UserError(f"runner_up_topk must be 0 (off) or more than vote_topk={self.vote_topk}, got {self.runner_up_topk}")
         if not self.downstream_features and self.method in UNIT_METHODS:
             raise UserError("no downstream FeatureStore given; extract the downstream train set and pass it")
 
@@ -98,7 +106,7 @@ def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndar
     """Per source row: ``ids, unit``; the unit centres (FM) and names; extra provenance."""
     classes = source.manifest["classes"]
     ids, labels = _source_ids_labels(source)
-    if cfg.method == "lm":
+    if cfg.method.removesuffix(REVERSE) == "lm":
         return ids, labels, None, list(classes), {}
     if cfg.method == "fm-classmean":
         return ids, labels, class_means_of_store(source, len(classes)), list(classes), {}
@@ -198,11 +206,14 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray
     ids, unit_of_row, centres, names, extra = _units(cfg, source)
     num_units = len(names)
     votes = _votes(tasks, num_units, centres, cfg.vote_topk)
-    runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk > cfg.vote_topk else None
-    kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
+    runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk else None
+    kept = kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up, least_voted=cfg.method.endswith(REVERSE))
     summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
     top = np.argsort(-votes, kind="stable")[:10]
-    extra = {**extra, "vote_topk": cfg.vote_topk, "fraction_images_removed": summary.fraction_images_removed,
+    tie_break = f"runner-up top-{cfg.runner_up_topk} votes, then seeded" if runner_up is not None else "seeded"
+    extra = {**extra, "vote_topk": cfg.vote_topk, "tie_break": tie_break,
+             "zero_vote_units_kept": int((votes[kept] == 0).sum()),
+             "fraction_images_removed": summary.fraction_images_removed,
              "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top]}
     meta = KeepSetMeta.from_summary(summary, method=cfg.method, ratio=cfg.ratio, surrogate=source.manifest["surrogate"],
                                     source_fingerprint=source.manifest["source_fingerprint"], downstream=list(tasks),

@@ -78,14 +78,16 @@ def units_to_drop(num_units: int, ratio: float) -> int:
 
 
 def kept_units_for_ratio(votes: np.ndarray, ratio: float, seed: int,
-                         runner_up_votes: np.ndarray | None = None) -> np.ndarray:
+                         runner_up_votes: np.ndarray | None = None, least_voted: bool = False) -> np.ndarray:
     """Sorted ids of the units kept once the ``floor(ratio * U)`` lowest-ranked are dropped.
 
     Zero-vote units rank last, so they are the first to go (see :func:`rank_units_by_votes` for ties).
+    ``least_voted`` keeps as many units from the other end of the ranking instead: the sanity
+    ablation of the reference code's ``reverse`` flag, which should transfer worse than random.
     """
     ranking = rank_units_by_votes(votes, seed, runner_up_votes)
     keep = ranking.shape[0] - units_to_drop(ranking.shape[0], ratio)
-    return np.sort(ranking[:keep])
+    return np.sort(ranking[::-1][:keep] if least_voted else ranking[:keep])
 
 
 @dataclass(frozen=True)
