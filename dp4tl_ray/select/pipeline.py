@@ -203,6 +203,9 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray
         if store.num_rows == 0:
             raise UserError(f"downstream set {path} has no images; extract its train/ folder first")
         tasks[_task_name(store) if _task_name(store) not in tasks else str(path)] = store
+    if cfg.method.removesuffix(REVERSE) == "lm" and not source.manifest["surrogate"].get("classifier", True):
+        raise UserError(f"LM needs class predictions but {source.path} was extracted with a self-supervised surrogate "
+                        "(features only); select with fm, or extract with a supervised surrogate")
     ids, unit_of_row, centres, names, extra = _units(cfg, source)
     num_units = len(names)
     votes = _votes(tasks, num_units, centres, cfg.vote_topk)
