@@ -108,21 +108,22 @@ class ExtractConfig:
 
 
 def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
-    from dp4tl_ray.models import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, has_classifier, load_backbone, load_model,
-                                  spec_from_checkpoint)
+    from dp4tl_ray.models import (IMAGENET_MEAN, IMAGENET_STD, SELF_SUPERVISED_MODES, ModelSpec, load_backbone,
+                                  load_checkpoint, load_model, spec_from_checkpoint)
 
     base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
     if cfg.checkpoint:
         saved = spec_from_checkpoint(cfg.checkpoint, base)
         # The checkpoint's normalisation wins unless given explicitly: the surrogate sees what it was trained on.
         base = ModelSpec(base.arch, base.num_classes, base.small_input, cfg.mean or saved.mean, cfg.std or saved.std)
-        classifier = has_classifier(cfg.checkpoint)  # a self-supervised one gives features only (FM, not LM)
+        mode = load_checkpoint(cfg.checkpoint).get("mode")  # how it was pretrained (our checkpoints record it)
+        classifier = mode not in SELF_SUPERVISED_MODES  # a self-supervised one gives features only (FM, not LM)
         # a checkpoint of another model fails here, on the driver, in one line
         load_model(base, cfg.checkpoint) if classifier else load_backbone(cfg.checkpoint, base.arch, base.small_input)
         ident = {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": atomic.sha256_file(cfg.checkpoint),
-                 "classifier": classifier}
+                 "mode": mode, "classifier": classifier}
     else:
-        ident = {"checkpoint": None, "random_init_seed": cfg.seed, "classifier": True}
+        ident = {"checkpoint": None, "random_init_seed": cfg.seed, "mode": None, "classifier": True}
     return base, {"name": cfg.arch, **asdict(base), **ident}
 
 

@@ -182,11 +182,6 @@ def load_backbone(checkpoint: str | Path, arch: str, small_input: bool, num_clas
     return model
 
 
-def has_classifier(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint predicts classes: anything but a self-supervised run's (its saved ``mode``)."""
-    return load_checkpoint(checkpoint).get("mode") not in SELF_SUPERVISED_MODES
-
-
 def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
     """The spec a checkpoint was saved with (our own checkpoints), else ``default``."""
     saved = load_checkpoint(path).get("spec")
@@ -196,5 +191,5 @@ def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
     return ModelSpec(**{**asdict(default), **fields})
 
 
-__all__ = ["ARCHS", "SELF_SUPERVISED_MODES", "ModelSpec", "Surrogate", "build_model", "has_classifier", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint",
+__all__ = ["ARCHS", "SELF_SUPERVISED_MODES", "ModelSpec", "Surrogate", "build_model", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint",
            "to_model_input", "unwrap_ddp"]

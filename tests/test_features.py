@@ -112,7 +112,7 @@ def test_a_self_supervised_surrogate_gives_features_but_no_class_predictions(ray
     ckpt = save_checkpoint(moco.encoder_q, tmp_path / "moco.pt", {"mode": "moco_v2"})  # as a moco_v2 run saves it
     store = extract_features(_cfg(synth_dirty.source_dir, tmp_path / "store", checkpoint=str(ckpt)), progress=False)
     ids, _, feats, topk = store.arrays()
-    assert store.manifest["surrogate"]["classifier"] is False
+    assert store.manifest["surrogate"]["classifier"] is False and store.manifest["surrogate"]["mode"] == "moco_v2"
     assert store.manifest["topk"] == 0 and topk.shape == (len(ids), 0)
     index = scan_image_folder(synth_dirty.source_dir)  # the features are the MoCo backbone's
     x = np.stack([decode_image((index.root / index.paths[i]).read_bytes(), DecodeSpec(32, 32)) for i in ids[:3]])
