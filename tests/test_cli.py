@@ -28,7 +28,8 @@ def test_unknown_yaml_key_names_the_valid_ones(tmp_path, capsys):
     assert "num_domain" in _one_line_error(capsys)
 
 
-def test_missing_source_exits_2(tmp_path, capsys):
+@pytest.mark.ray
+def test_missing_source_exits_2(ray_local, tmp_path, capsys):
     assert run(["extract", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in _one_line_error(capsys)
 
@@ -60,3 +61,5 @@ def test_every_stage_has_a_command_and_bad_input_exits_2(tmp_path, capsys):
     assert "unknown mode" in _one_line_error(capsys)
     assert run(["select", "--method", "lm", "--ratio", "1.5", "--source-features", str(tmp_path)]) == 2
     assert "ratio" in _one_line_error(capsys)
+    assert run(["explain", str(tmp_path / "no-keepset")]) == 2
+    assert "no keep-set at" in _one_line_error(capsys)

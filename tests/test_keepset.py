@@ -42,6 +42,16 @@ def test_write_load_round_trip(tmp_path):
     assert json.loads((path / "keepset.json").read_text())["downstream"] == ["flowers"]
 
 
+def test_keepsets_written_before_store_provenance_was_recorded_still_load(tmp_path):
+    path = _select().write(tmp_path / "ks")
+    meta = json.loads((path / "keepset.json").read_text())
+    assert meta["source_features"] == "" and meta["downstream_features"] == []
+    del meta["source_features"], meta["downstream_features"]  # a keep-set written before they were recorded
+    (path / "keepset.json").write_text(json.dumps(meta))
+    loaded = KeepSet.load(path)
+    assert loaded.meta.source_features == "" and loaded.meta.downstream_features == []
+
+
 def test_tampered_ids_are_refused(tmp_path):
     path = _select().write(tmp_path / "ks")
     ids = pq.read_table(path / "keep.parquet").column("id").to_numpy().copy()

@@ -7,6 +7,8 @@ the downstream task are extracted with it (Ray Data), then every selection metho
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -62,6 +64,7 @@ def test_lm_and_fm_keep_the_planted_relevant_classes(world, method):
         kept = np.zeros(len(labels), bool)
         kept[ks.ids] = True
         assert kept[relevant_images].mean() >= 0.9
+        assert ks.meta.extra["diagnostics"][ks.meta.downstream[0]]["num_units"] == ks.meta.units_total
     else:
         assert len(_kept_classes(ks, labels) & relevant) >= 0.9 * len(relevant)
         assert ks.meta.units_kept == 12 and ks.meta.units_total == 24
@@ -103,6 +106,21 @@ def test_lm_default_is_the_papers_top1_rule_and_records_its_ties(world):
         _select(world, "lm", name="lm-bad", runner_up_topk=1)
 
 
+@pytest.mark.parametrize("method", ["fm", "fm-classmean"])
+def test_explorer_explains_fm_keepsets_from_their_artifacts(world, method):
+    """The explorer re-derives an FM keep-set (k-means result it recorded, or class means) and shows it."""
+    from dp4tl_ray.explain import explain_keepset
+    from dp4tl_ray.explain.evidence import load_evidence
+
+    ks = _select(world, method, name=f"{method}-explain")
+    ev = load_evidence(world[0] / f"{method}-explain")
+    assert ev.units_kept == ks.meta.units_kept and ev.votes.tolist() == ks.meta.votes_per_unit
+    page = (explain_keepset(world[0] / f"{method}-explain") / "index.html").read_text()
+    assert page.count('<tr class="unit ') == ks.meta.units_total and page.count('id="cut"') == 1
+    assert page.count("<img") > 2 * ks.meta.units_total
+    assert ("source classes it mixes" in page) == (method == "fm")
+
+
 def test_random_class_baseline_keeps_about_half_of_the_relevant_classes(world):
     _, synth, _, _, relevant = world
     labels = scan_image_folder(synth.source_dir).labels
@@ -116,6 +134,9 @@ def test_keepsets_are_reproducible_and_summarised(world):
     assert a.ids.tolist() == b.ids.tolist() and a.meta.sha256 == b.meta.sha256
     text = format_keepset_summary(a, "lm-a")
     assert "units kept 12/24" in text and "most voted" in text
+    diag = a.meta.extra["diagnostics"]
+    assert list(diag) == a.meta.downstream and diag["task_0"]["classes"] == 8 and diag["task_0"]["images"] == 96
+    assert "class agreement" in text and ("WARNING task_0: " in text) == diag["task_0"]["flagged"]
     soft = _select(world, "lm", name="lm-soft", vote_topk=3)
     assert soft.meta.extra["vote_topk"] == 3 and abs(sum(soft.meta.votes_per_unit) - world[3].num_rows) < 1e-6
 
@@ -138,6 +159,34 @@ def test_score_baselines_use_cached_scores(world, tmp_path):
     pq.write_table(pa.table({"id": ids, "el2n": el2n, "grand": -el2n}), tmp_path / "scores.parquet")
     ks = _select(world, "el2n", keep_fraction=10 / len(ids), scores=str(tmp_path / "scores.parquet"), name="el2n")
     assert ks.ids.tolist() == ids[:10].tolist()
+
+
+def test_a_selection_is_reused_until_one_of_its_inputs_changes(world, tmp_path):
+    """The same inputs again: the keep-set already at ``out`` comes back with its recorded costs, without
+    k-means and without writing; another ratio or another downstream store selects again."""
+    _, synth, source, down, _ = world
+    kmeans_dir = source.path / "kmeans"
+    out = tmp_path / "fm"
+    cfg = SelectConfig(method="fm", ratio=0.5, source_features=str(source.path), downstream_features=[str(down.path)],
+                       out=str(out))
+    first = select_keepset(cfg)
+    costs = first.meta.extra["costs"]
+    assert costs["reused"] is False and costs["kmeans_s"] > 0 and costs["select_s"] >= 0 and costs["scores_s"] == 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    shutil.rmtree(kmeans_dir)  # k-means would have to write it again
+    again = select_keepset(replace(cfg))
+    assert again.meta.extra["costs"] == {**costs, "reused": True} and again.ids.tolist() == first.ids.tolist()
+    assert not kmeans_dir.exists() and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+    other_ratio = select_keepset(replace(cfg, ratio=0.75))
+    assert other_ratio.meta.extra["costs"]["reused"] is False and kmeans_dir.is_dir() and len(other_ratio) < len(first)
+    other_store = extract_features(ExtractConfig(source=str(synth.task_dirs[0] / "train"), out=str(tmp_path / "top2"),
+                                                 arch="resnet18", checkpoint=down.manifest["surrogate"]["checkpoint"],
+                                                 image_size=32, resize_size=32, batch_size=64, topk=2,
+                                                 num_classes=len(source.manifest["classes"])), progress=False)
+    assert other_store.manifest["store_key"] != down.manifest["store_key"]
+    changed = select_keepset(replace(cfg, ratio=0.75, downstream_features=[str(other_store.path)]))
+    assert changed.meta.extra["costs"]["reused"] is False
 
 
 def test_selection_errors_are_one_line(world, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.select.voting import (
     combine_task_votes,
+    images_kept_per_units_dropped,
     kept_units_for_ratio,
     rank_units_by_votes,
     summarize_selection,
@@ -148,3 +149,16 @@ def test_least_voted_keeps_the_other_end_of_the_ranking():
     # ties at the cut are still broken by the seed, never by index
     kept = {tuple(kept_units_for_ratio(np.array([3.0, 0.0, 0.0, 0.0]), 0.5, s, least_voted=True)) for s in range(20)}
     assert len(kept) > 1 and all(0 not in k for k in kept)
+
+
+def test_images_kept_curve_matches_the_selection_at_every_ratio():
+    rng = np.random.default_rng(7)
+    votes = rng.poisson(2.0, size=13).astype(np.float64)  # zeros and ties included
+    runner_up = rng.random(13)
+    sizes = rng.integers(1, 50, size=13)
+    ranking = rank_units_by_votes(votes, seed=3, runner_up_votes=runner_up)
+    curve = images_kept_per_units_dropped(ranking, sizes)
+    assert curve.shape == (13,) and curve[0] == sizes.sum() and (np.diff(curve) <= 0).all()
+    for ratio in np.linspace(0, 0.99, 37):
+        kept = kept_units_for_ratio(votes, float(ratio), seed=3, runner_up_votes=runner_up)
+        assert curve[units_to_drop(13, float(ratio))] == summarize_selection(votes, kept, sizes).images_kept

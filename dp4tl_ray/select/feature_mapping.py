@@ -42,6 +42,12 @@ def feature_mapping_votes(downstream: FeatureStore, centres: np.ndarray, k: int 
     return votes_from_topk(nearest_centres(downstream.arrays()[2], centres, k), centres.shape[0], k)
 
 
+def feature_mapping_image_units(downstream: FeatureStore, centres: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Each downstream image's label and its ``k`` nearest centres ``[n, k]`` (for diagnostics)."""
+    _, labels, feats, _ = downstream.arrays()
+    return labels, nearest_centres(feats, centres, k)
+
+
 def nearest_centres(features: np.ndarray, centres: np.ndarray, k: int = 1) -> np.ndarray:
     """Indices ``int64[n, k]`` of each row's ``k`` nearest centres (squared L2, exact FAISS search)."""
     import faiss

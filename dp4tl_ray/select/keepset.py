@@ -52,6 +52,10 @@ class KeepSetMeta:
     created: str = field(default_factory=_now_iso)
     sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The FeatureStores it was selected from (absolute paths; the downstream ones in the order of
+    # ``downstream``); empty in keep-sets written before they were recorded.
+    source_features: str = ""
+    downstream_features: list[str] = field(default_factory=list)
 
     @classmethod
     def from_summary(
@@ -65,6 +69,8 @@ class KeepSetMeta:
         downstream: list[str],
         seed: int,
         extra: dict[str, Any] | None = None,
+        source_features: str = "",
+        downstream_features: list[str] | None = None,
     ) -> KeepSetMeta:
         """Meta for a unit selection: counts and votes from ``summary``, provenance from the arguments."""
         return cls(
@@ -80,6 +86,8 @@ class KeepSetMeta:
             downstream=list(downstream),
             seed=int(seed),
             extra=dict(extra or {}),
+            source_features=source_features,
+            downstream_features=list(downstream_features or []),
         )
 
 

@@ -90,6 +90,16 @@ def kept_units_for_ratio(votes: np.ndarray, ratio: float, seed: int,
     return np.sort(ranking[::-1][:keep] if least_voted else ranking[:keep])
 
 
+def images_kept_per_units_dropped(ranking: np.ndarray, unit_sizes: np.ndarray) -> np.ndarray:
+    """Images kept when the ``d`` lowest-ranked units are dropped, for ``d = 0..U-1``.
+
+    Entry ``d`` is what every ratio in ``[d/U, (d+1)/U)`` keeps (``units_to_drop``): how the images
+    kept grow with the ratio, read off one ranking (units differ in size, so the curve is not linear).
+    """
+    sizes = np.asarray(unit_sizes, dtype=np.int64)[np.asarray(ranking)]
+    return np.cumsum(sizes)[::-1].copy()
+
+
 @dataclass(frozen=True)
 class SelectionSummary:
     """What a selection kept, in units and in images (units differ in size)."""
