@@ -42,22 +42,25 @@ class SurrogateEmbedder:
     """Ray Data callable class: ``id, label, image`` uint8 batches -> feature rows (a pyarrow Table).
 
     On GPU it runs bf16 autocast with channels_last; on CPU fp32 with ``torch_threads`` threads.
+    Without a ``classifier`` (a self-supervised checkpoint: a backbone only) rows hold no top-k.
     """
 
-    def __init__(self, spec: ModelSpec, checkpoint: str | None, topk: int = 5, seed: int = 0, torch_threads: int = 1):
+    def __init__(self, spec: ModelSpec, checkpoint: str | None, topk: int = 5, seed: int = 0, torch_threads: int = 1,
+                 classifier: bool = True):
         import torch
 
-        from dp4tl_ray.models import load_model
+        from dp4tl_ray.models import load_backbone, load_model
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, torch_threads))
-        model = load_model(spec, checkpoint, seed).eval().to(self.device)
+        model = load_model(spec, checkpoint, seed) if classifier else load_backbone(checkpoint, spec.arch, spec.small_input)
+        model = model.eval().to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.topk = min(topk, spec.num_classes)
+        self.topk = min(topk, spec.num_classes) if classifier else 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         torch = self.torch
@@ -67,7 +70,7 @@ class SurrogateEmbedder:
                            non_blocking=True, channels_last=self.device.type == "cuda")
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             feats = self.model.features(x)
-            logits = self.model.net.fc(feats)
+            logits = self.model.net.fc(feats) if self.topk else feats[:, :0]
         feats = torch.nn.functional.normalize(feats.float(), dim=1).cpu().numpy()
         top_logit, top_idx = logits.float().topk(self.topk, dim=1)
         return feature_table(batch["id"], batch["label"], feats, top_idx.cpu().numpy(), top_logit.cpu().numpy())
@@ -108,17 +111,22 @@ class ExtractConfig:
 
 
 def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
-    from dp4tl_ray.models import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_model, spec_from_checkpoint
+    from dp4tl_ray.models import (IMAGENET_MEAN, IMAGENET_STD, SELF_SUPERVISED_MODES, ModelSpec, load_backbone,
+                                  load_checkpoint, load_model, spec_from_checkpoint)
 
     base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
     if cfg.checkpoint:
         saved = spec_from_checkpoint(cfg.checkpoint, base)
         # The checkpoint's normalisation wins unless given explicitly: the surrogate sees what it was trained on.
         base = ModelSpec(base.arch, base.num_classes, base.small_input, cfg.mean or saved.mean, cfg.std or saved.std)
-        load_model(base, cfg.checkpoint)  # a checkpoint of another model fails here, on the driver, in one line
-        ident = {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": atomic.sha256_file(cfg.checkpoint)}
+        mode = load_checkpoint(cfg.checkpoint).get("mode")  # how it was pretrained (our checkpoints record it)
+        classifier = mode not in SELF_SUPERVISED_MODES  # a self-supervised one gives features only (FM, not LM)
+        # a checkpoint of another model fails here, on the driver, in one line
+        load_model(base, cfg.checkpoint) if classifier else load_backbone(cfg.checkpoint, base.arch, base.small_input)
+        ident = {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": atomic.sha256_file(cfg.checkpoint),
+                 "mode": mode, "classifier": classifier}
     else:
-        ident = {"checkpoint": None, "random_init_seed": cfg.seed}
+        ident = {"checkpoint": None, "random_init_seed": cfg.seed, "mode": None, "classifier": True}
     return base, {"name": cfg.arch, **asdict(base), **ident}
 
 
@@ -159,7 +167,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
     ds = ds.map_batches(
         SurrogateEmbedder,
         fn_constructor_kwargs={"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
-                               "torch_threads": pool.threads},
+                               "torch_threads": pool.threads, "classifier": surrogate["classifier"]},
         batch_size=cfg.batch_size,
         **pool.map_batches_kwargs(),
         batch_format="numpy",
@@ -184,7 +192,8 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
     manifest = {
         "store_key": store_key, "format": STORE_FORMAT, "source": str(cfg.source), "source_format": source.format,
         "source_fingerprint": fingerprint, "surrogate": surrogate, "decode": asdict(decode),
-        "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes), "num_rows": written,
+        "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes) if surrogate["classifier"] else 0,
+        "num_rows": written,
         "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
         "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
         "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -29,7 +29,7 @@ def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_log
     k = topk_idx.shape[1]
 
     def lists(values: np.ndarray, typ: pa.DataType) -> pa.Array:
-        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)  # k = 0: a surrogate without a classifier
         return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=typ))
 
     return pa.table(
@@ -80,7 +80,7 @@ class FeatureStore:
         t = self.read(["id", "label", "feature", "topk_idx"])
         feats = feature_matrix(t.column("feature"))
         k = int(self.manifest["topk"])
-        topk = np.asarray(t.column("topk_idx").combine_chunks().flatten(), dtype=np.int32).reshape(-1, k)
+        topk = np.asarray(t.column("topk_idx").combine_chunks().flatten(), dtype=np.int32).reshape(t.num_rows, k)
         return t.column("id").to_numpy(), t.column("label").to_numpy(), feats, topk
 
     def dataset(self, columns: list[str] | None = None):

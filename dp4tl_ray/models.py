@@ -21,6 +21,9 @@ ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
 )
+# Pretraining modes that learn no classifier: their checkpoints hold a backbone (and a projection
+# head), so they give features but no class predictions.
+SELF_SUPERVISED_MODES = ("moco_v2",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -188,5 +191,5 @@ def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
     return ModelSpec(**{**asdict(default), **fields})
 
 
-__all__ = ["ARCHS", "ModelSpec", "Surrogate", "build_model", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint",
+__all__ = ["ARCHS", "SELF_SUPERVISED_MODES", "ModelSpec", "Surrogate", "build_model", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint",
            "to_model_input", "unwrap_ddp"]

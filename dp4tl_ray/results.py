@@ -19,7 +19,7 @@ DENSE = "dense"
 RANDOM_INIT = "random-init"  # no pretraining: the downstream evaluation of a seeded untrained backbone (the floor)
 REFERENCES = (DENSE, RANDOM_INIT)  # methods without a keep-set or a ratio
 RESULTS_FILE = "results.jsonl"
-RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "mode", "arch", "task", "seed",
+RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "surrogate_mode", "mode", "arch", "task", "seed",
                "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max", "kept_units", "total_units", "kept_images",
                "total_images", "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker",
                "use_gpu", "epoch", "loss")

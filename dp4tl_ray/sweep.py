@@ -34,7 +34,7 @@ from dp4tl_ray.config import from_dict, load_yaml
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import FeatureStore
 from dp4tl_ray.results import DENSE, RANDOM_INIT, RECORD_KEYS, REFERENCES, write_results
-from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, UNIT_METHODS, select_keepset
+from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, REVERSE, UNIT_METHODS, select_keepset
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,11 @@ class SweepConfig:
     methods: list[str] = field(default_factory=lambda: [DENSE, "lm", "random-class"])
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.8])
     surrogates: list[str] = field(default_factory=lambda: ["resnet18"])
-    surrogate_checkpoints: dict[str, str] = field(default_factory=dict)  # arch -> local weights; others are trained
+    # surrogate name (the arch; "<arch>-<mode>" for another pretraining mode) -> local weights; others are trained
+    surrogate_checkpoints: dict[str, str] = field(default_factory=dict)
+    # method -> pretraining mode of the surrogate it selects with (default supervised), e.g. {fm: moco_v2}:
+    # FM exists for label-free pretraining, so it may get a self-supervised surrogate of its own.
+    surrogate_modes: dict[str, str] = field(default_factory=dict)
     modes: list[str] = field(default_factory=lambda: ["supervised"])
     tasks: list[str] = field(default_factory=list)  # task folder names; empty = every task
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -91,6 +95,7 @@ class SweepConfig:
     asha: AshaConfig = field(default_factory=AshaConfig)
 
     def validate(self) -> None:
+        from dp4tl_ray.models import SELF_SUPERVISED_MODES
         from dp4tl_ray.train.evaluate import MODES as EVAL_MODES
         from dp4tl_ray.train.trainer import MODES
 
@@ -109,6 +114,15 @@ class SweepConfig:
         for m in self.eval_modes:
             if m not in EVAL_MODES:
                 raise UserError(f"sweep.eval_modes: unknown mode {m!r}; choose from {', '.join(EVAL_MODES)}")
+        for m, mode in self.surrogate_modes.items():
+            if m not in self.methods or m not in UNIT_METHODS:
+                raise UserError(f"sweep.surrogate_modes.{m}: only the sweep's own {', '.join(UNIT_METHODS)} methods pick "
+                                "their surrogate (the baselines go with match_budget's)")
+            if mode not in MODES:
+                raise UserError(f"sweep.surrogate_modes.{m}: unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            if mode in SELF_SUPERVISED_MODES and m.removesuffix(REVERSE) == "lm":
+                raise UserError(f"sweep.surrogate_modes.{m}: LM votes with class predictions, which a {mode} surrogate "
+                                "does not make; give the self-supervised surrogate to fm")
         if self.match_budget and self.match_budget not in UNIT_METHODS + ("random-class",):
             raise UserError(f"sweep.match_budget must be one of {', '.join(UNIT_METHODS)}, random-class or null, "
                             f"got {self.match_budget!r}")
@@ -215,11 +229,11 @@ def check_plan(plan: SweepPlan) -> SweepPlan:
         unknown = sorted(set(plan.data) - {"source", "tasks"})
         if unknown or not plan.data.get("source") or not plan.data.get("tasks"):
             raise UserError("data section needs source: <dir> and tasks: [<task dir>, ...] and nothing else")
-    for name, fixed in (("surrogate", ("source", "out", "name", "arch")),
+    for name, fixed in (("surrogate", ("source", "out", "name", "arch", "mode")),
                         ("pretrain", ("source", "out", "name", "keepset", "mode", "seed")),
                         ("extract", ("source", "out", "arch", "checkpoint", "num_classes")),
                         ("select", ("method", "ratio", "source_features", "downstream_features", "out", "seed", "match")),
-                        ("evaluate", ("task_dir", "checkpoint", "mode", "out", "storage_path"))):
+                        ("evaluate", ("task_dir", "checkpoint", "mode", "out", "storage_path", "seed"))):
         set_here = sorted(set(getattr(plan, name)) & set(fixed))
         if set_here:
             raise UserError(f"{name}.{set_here[0]} is set by the sweep for every trial; remove it from the {name} section")
@@ -261,6 +275,7 @@ class TrialSpec:
     total_units: int | None
     kept_images: int
     total_images: int | None
+    surrogate_mode: str | None = None  # how the surrogate was pretrained (None with no surrogate)
 
     @property
     def key(self) -> str:
@@ -289,11 +304,24 @@ class Shared:
     trials: list[TrialSpec]
 
 
+@dataclass(frozen=True)
+class SurrogateRef:
+    """A surrogate of the sweep: its arch and how it is pretrained (a supervised one is named by its arch)."""
+
+    arch: str
+    mode: str = "supervised"
+
+    @property
+    def name(self) -> str:
+        """Its runs, features and keep-sets directory name, and its key in ``surrogate_checkpoints``."""
+        return self.arch if self.mode == "supervised" else f"{self.arch}-{self.mode}"
+
+
 @dataclass
 class SurrogateFeatures:
     """One surrogate's FeatureStores of the source and of every task's train set, and their seconds."""
 
-    arch: str
+    surrogate: SurrogateRef
     surrogate_s: float  # training the surrogate (0 for a given checkpoint)
     source: FeatureStore
     tasks: dict[str, FeatureStore]
@@ -323,61 +351,70 @@ def _data(plan: SweepPlan, work: Path) -> tuple[str, dict[str, str]]:
     return source, {t: tasks[t] for t in wanted}
 
 
-def _surrogate(plan: SweepPlan, arch: str, source: str, work: Path) -> tuple[str, float]:
+def _surrogate(plan: SweepPlan, ref: SurrogateRef, source: str, work: Path) -> tuple[str, float]:
     """The surrogate's weights file and its training seconds (0 for a given checkpoint)."""
     from dp4tl_ray.train.trainer import pretrain
 
-    given = plan.sweep.surrogate_checkpoints.get(arch)
+    given = plan.sweep.surrogate_checkpoints.get(ref.name)
     if given:
         if not Path(given).is_file():
-            raise UserError(f"sweep.surrogate_checkpoints.{arch}: {given} is not a file")
+            raise UserError(f"sweep.surrogate_checkpoints.{ref.name}: {given} is not a file")
         return str(Path(given).resolve()), 0.0
-    r = pretrain(plan.stage("surrogate", arch=arch, source=source, out=str(work / "runs"), name=f"surrogate-{arch}"))
-    print(f"[sweep] surrogate {arch}: {r.metrics.get('epoch')} epochs, loss {r.metrics.get('loss', float('nan')):.3f}")
+    r = pretrain(plan.stage("surrogate", arch=ref.arch, mode=ref.mode, source=source, out=str(work / "runs"),
+                            name=f"surrogate-{ref.name}"))
+    print(f"[sweep] surrogate {ref.name}: {r.metrics.get('epoch')} epochs, loss {r.metrics.get('loss', float('nan')):.3f}")
     return r.model_path, float(sum(h.get("epoch_s", 0.0) for h in r.history))
 
 
-def _features(plan: SweepPlan, arch: str, source: str, tasks: dict[str, str], work: Path) -> SurrogateFeatures:
-    """Train (or load) the surrogate ``arch`` and extract the source and every task's train set with it."""
+def _features(plan: SweepPlan, ref: SurrogateRef, source: str, tasks: dict[str, str], work: Path) -> SurrogateFeatures:
+    """Train (or load) the surrogate ``ref`` and extract the source and every task's train set with it."""
     from dp4tl_ray.features import extract_features
 
-    checkpoint, surrogate_s = _surrogate(plan, arch, source, work)
+    checkpoint, surrogate_s = _surrogate(plan, ref, source, work)
 
     def extract(images: str, name: str, **fields: Any) -> FeatureStore:
-        return extract_features(plan.stage("extract", arch=arch, checkpoint=checkpoint, source=images,
-                                           out=str(work / "features" / arch / name), **fields))
+        return extract_features(plan.stage("extract", arch=ref.arch, checkpoint=checkpoint, source=images,
+                                           out=str(work / "features" / ref.name / name), **fields))
 
     src = extract(source, "source")
     n_classes = len(src.manifest["classes"])
-    return SurrogateFeatures(arch, surrogate_s, src,
+    return SurrogateFeatures(ref, surrogate_s, src,
                              {task: extract(str(Path(d) / "train"), task, num_classes=n_classes) for task, d in tasks.items()})
 
 
-def methods_per_surrogate(sw: SweepConfig) -> dict[str, list[str]]:
+def surrogate_mode(sw: SweepConfig, method: str) -> str:
+    """How the surrogate ``method`` selects with is pretrained: ``sweep.surrogate_modes``, else supervised.
+    The baselines go with the ``match_budget`` method's surrogate (whose keep-set sets their image budget)."""
+    if method in IMAGE_METHODS + ("random-class",) and sw.match_budget:
+        method = sw.match_budget
+    return sw.surrogate_modes.get(method, "supervised")
+
+
+def methods_per_surrogate(sw: SweepConfig) -> dict[SurrogateRef, list[str]]:
     """The methods selected with each surrogate, in selection order: unit methods first, since image-level
-    baselines keep as many images as the ``match_budget`` method (selected for that even when it is not a
-    trial of its own); methods that ignore the surrogate only with the first one."""
+    baselines keep as many images as the ``match_budget`` method (selected for that, with the same
+    surrogate, even when it is not a trial of its own); methods that ignore the surrogate only with the
+    first arch."""
     selecting = sorted((m for m in sw.methods if m not in REFERENCES),
                        key=lambda m: (m in IMAGE_METHODS, m != sw.match_budget))
-    need_match = sw.match_budget and any(m in IMAGE_METHODS for m in selecting)
-    per_arch = {}
+    per_surrogate: dict[SurrogateRef, list[str]] = {}
     for i, arch in enumerate(sw.surrogates):
-        methods = [m for m in selecting if i == 0 or m not in SURROGATE_FREE]
-        if not methods:
-            break
-        if need_match and sw.match_budget not in methods:
+        for m in selecting:
+            if i == 0 or m not in SURROGATE_FREE:
+                per_surrogate.setdefault(SurrogateRef(arch, surrogate_mode(sw, m)), []).append(m)
+    for methods in per_surrogate.values():
+        if sw.match_budget and any(m in IMAGE_METHODS for m in methods) and sw.match_budget not in methods:
             methods.insert(0, sw.match_budget)
-        per_arch[arch] = methods
-    return per_arch
+    return per_surrogate
 
 
 def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[str], task: str, seed: int) -> list[TrialSpec]:
     """Select every keep-set of ``methods`` x ratios for ``task`` and ``seed`` (each reused when already
     selected from the same inputs); one trial per keep-set and pretraining mode."""
-    sw, arch = plan.sweep, features.arch
+    sw, ref = plan.sweep, features.surrogate
 
     def keepset_dir(method: str, ratio: float) -> Path:
-        return sw.work / "keepsets" / arch / task / f"{method}-r{_ratio_tag(ratio)}-s{seed}"
+        return sw.work / "keepsets" / ref.name / task / f"{method}-r{_ratio_tag(ratio)}-s{seed}"
 
     trials = []
     for ratio in sw.ratios:
@@ -392,10 +429,11 @@ def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[
             costs = ks.meta.extra["costs"]
             select_s = costs["select_s"] + costs["kmeans_s"] + costs["scores_s"] + \
                 (0.0 if method in SURROGATE_FREE else features.seconds(task))
-            m = ks.meta
-            trials += [TrialSpec(method, ratio, None if method in SURROGATE_FREE else arch, mode, task, seed,
+            m, free = ks.meta, method in SURROGATE_FREE
+            trials += [TrialSpec(method, ratio, None if free else ref.arch, mode, task, seed,
                                  plan.settings("pretrain", mode).arch, str(keepset_dir(method, ratio)), round(select_s, 3),
-                                 m.units_kept, m.units_total, m.images_kept, m.images_total) for mode in sw.modes]
+                                 m.units_kept, m.units_total, m.images_kept, m.images_total, None if free else ref.mode)
+                       for mode in sw.modes]
     return trials
 
 
@@ -422,39 +460,46 @@ def prepare(plan: SweepPlan) -> Shared:
     sw.work.mkdir(parents=True, exist_ok=True)
     source, tasks = _data(plan, sw.work)
     trials = _reference_trials(plan, source, tasks)
-    for arch, methods in methods_per_surrogate(sw).items():
-        features = _features(plan, arch, source, tasks, sw.work)
+    for ref, methods in methods_per_surrogate(sw).items():
+        features = _features(plan, ref, source, tasks, sw.work)
         trials += [t for task in tasks for seed in sw.seeds for t in _keepset_trials(plan, features, methods, task, seed)]
-        print(f"[sweep] surrogate {arch}: features and keep-sets ready under {sw.work}")
+        print(f"[sweep] surrogate {ref.name}: features and keep-sets ready under {sw.work}")
     return Shared(source=source, tasks=tasks, trials=sorted(trials, key=lambda t: t.key))
 
 
 # ----- one trial (runs in a Tune trial actor) -----
 
 
-def _evaluate(plan: SweepPlan, mode: str, task_dir: str, model_path: str | None, out: Path, storage: str,
-              **overrides: Any) -> dict[str, Any]:
-    """LP or FF results; an evaluation already written for the same checkpoint is reused.
-    ``model_path`` None evaluates a seeded, untrained backbone (the random-init baseline)."""
+def eval_config(plan: SweepPlan, spec: TrialSpec, mode: str, task_dir: str, model_path: str | None, out: Path):
+    """The evaluation of a trial's backbone. Its seed is the trial's, so the hold-out split and the head's
+    init vary with the seed like everything upstream and a table over seeds measures the whole spread;
+    ``model_path`` None evaluates a seeded, untrained ``spec.arch`` backbone (the random-init baseline)."""
+    arch = {"arch": spec.arch} if model_path is None else {}
+    return plan.stage("evaluate", **arch, seed=spec.seed, mode=mode, task_dir=task_dir, checkpoint=model_path,
+                      out=str(out), storage_path=str(plan.sweep.work / "runs"))
+
+
+def _evaluate(cfg) -> dict[str, Any]:
+    """LP or FF results of an EvalConfig; an evaluation already written for the same checkpoint, mode
+    and seed is reused."""
     from dp4tl_ray.train.evaluate import evaluate
 
-    sha = atomic.sha256_file(model_path) if model_path else None
+    sha = atomic.sha256_file(cfg.checkpoint) if cfg.checkpoint else None
+    out = Path(cfg.out)
     if out.is_file():
         done = json.loads(out.read_text())
-        if done.get("checkpoint_sha256") == sha and done.get("mode") == mode:
+        if (done.get("checkpoint_sha256"), done.get("mode"), done.get("seed")) == (sha, cfg.mode, cfg.seed):
             return done
-    return evaluate(plan.stage("evaluate", **overrides, mode=mode, task_dir=task_dir, checkpoint=model_path, out=str(out),
-                               storage_path=storage))
+    return evaluate(cfg)
 
 
-def _evaluations(plan: SweepPlan, shared: Shared, spec: TrialSpec, trial_id: str, model_path: str | None,
-                 **overrides: Any) -> dict[str, Any]:
+def _evaluations(plan: SweepPlan, shared: Shared, spec: TrialSpec, trial_id: str, model_path: str | None) -> dict[str, Any]:
     """Every eval mode of the sweep on the trial's task: ``{lp_acc, lp_acc_test_max, ..., eval_s}``."""
     work, out = plan.sweep.work, {}
     t0 = time.perf_counter()
     for mode in plan.sweep.eval_modes:
-        ev = _evaluate(plan, mode, shared.tasks[spec.task], model_path, work / "evals" / f"{trial_id}-{mode}.json",
-                       str(work / "runs"), **overrides)
+        ev = _evaluate(eval_config(plan, spec, mode, shared.tasks[spec.task], model_path,
+                                   work / "evals" / f"{trial_id}-{mode}.json"))
         out[f"{mode}_acc"] = ev["test_acc"]
         out[f"{mode}_acc_test_max"] = ev["test_acc_max_over_epochs"]
     out["eval_s"] = round(time.perf_counter() - t0, 3)
@@ -490,7 +535,7 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     if spec.method == RANDOM_INIT:  # nothing to pretrain: evaluate the seeded untrained backbone
         record = _record(spec, trial_id)
         record.update(pretrain_s=0.0, pretrain_total_s=0.0,
-                      checkpoint=None, **_evaluations(plan, shared, spec, trial_id, None, arch=spec.arch, seed=spec.seed))
+                      checkpoint=None, **_evaluations(plan, shared, spec, trial_id, None))
         atomic.write_json(done, record)
         ray.tune.report(record)
         return

@@ -49,6 +49,18 @@ def test_stratified_split_is_deterministic_and_keeps_every_class_on_both_sides()
     assert np.bincount(labels[va]).tolist() == [3, 1, 1, 1]
 
 
+def test_the_head_init_follows_the_seed_and_the_backbone_does_not(tmp_path):
+    from dp4tl_ray.models import ModelSpec, build_model, save_checkpoint
+    from dp4tl_ray.train.evaluate import _build_classifier
+
+    ckpt = save_checkpoint(build_model(ModelSpec("resnet18", 5, True), seed=9), tmp_path / "backbone.pt")
+    a, b, c = (_build_classifier(EvalConfig(task_dir="-", checkpoint=str(ckpt), small_input=True, seed=s), 3) for s in (0, 0, 1))
+    assert torch.equal(a.net.fc.weight, b.net.fc.weight) and not torch.equal(a.net.fc.weight, c.net.fc.weight)
+    assert torch.equal(a.net.conv1.weight, c.net.conv1.weight)  # the pretrained backbone is the same
+    r0, r1 = (_build_classifier(EvalConfig(task_dir="-", small_input=True, seed=s), 3) for s in (0, 1))  # random init
+    assert not torch.equal(r0.net.conv1.weight, r1.net.conv1.weight)
+
+
 def test_reports_are_spaced_out_and_always_include_the_last_epoch():
     """Each Ray Train report waits for the controller's poll: LP's 50 millisecond epochs report ~10 times."""
     assert reported_epochs(50) == {5, 10, 15, 20, 25, 30, 35, 40, 45, 50}

@@ -101,3 +101,26 @@ def test_bad_inputs_are_one_line_errors(ray_local, synth_dirty, tmp_path):
     with pytest.raises(UserError, match="batch_size"):
         extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", batch_size=0))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_self_supervised_surrogate_gives_features_but_no_class_predictions(ray_local, synth_dirty, tmp_path):
+    from dp4tl_ray.data.decode import DecodeSpec, decode_image
+    from dp4tl_ray.select.pipeline import SelectConfig, select_keepset
+    from dp4tl_ray.train.moco import MoCoV2
+
+    moco = MoCoV2(ModelSpec("resnet18", small_input=True), dim=16, K=32, seed=3)
+    ckpt = save_checkpoint(moco.encoder_q, tmp_path / "moco.pt", {"mode": "moco_v2"})  # as a moco_v2 run saves it
+    store = extract_features(_cfg(synth_dirty.source_dir, tmp_path / "store", checkpoint=str(ckpt)), progress=False)
+    ids, _, feats, topk = store.arrays()
+    assert store.manifest["surrogate"]["classifier"] is False and store.manifest["surrogate"]["mode"] == "moco_v2"
+    assert store.manifest["topk"] == 0 and topk.shape == (len(ids), 0)
+    index = scan_image_folder(synth_dirty.source_dir)  # the features are the MoCo backbone's
+    x = np.stack([decode_image((index.root / index.paths[i]).read_bytes(), DecodeSpec(32, 32)) for i in ids[:3]])
+    with torch.inference_mode():
+        f = moco.encoder_q.eval().features(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+    np.testing.assert_allclose(feats[:3], torch.nn.functional.normalize(f, dim=1).numpy(), atol=1e-4)
+    select = dict(ratio=0.5, source_features=str(store.path), downstream_features=[str(store.path)])
+    kept = select_keepset(SelectConfig(method="fm-classmean", out=str(tmp_path / "fm"), **select))
+    assert kept.meta.units_kept == len(index.classes) - len(index.classes) // 2  # FM needs features only
+    with pytest.raises(UserError, match="LM needs class predictions"):
+        select_keepset(SelectConfig(method="lm", out=str(tmp_path / "lm"), **select))

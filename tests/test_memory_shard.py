@@ -62,3 +62,17 @@ def test_batches_land_on_the_cuda_device():
                                    device=torch.device("cuda")))
     assert all(v.device.type == "cuda" for b in batches for v in b.values())
     assert sorted(torch.cat([b["id"] for b in batches]).tolist()) == list(range(6))
+
+
+def test_images_of_several_shapes_become_one_column_and_augment_to_fixed_batches():
+    # Ray Data hands a block of same-shaped images as NHWC, a block of mixed shapes as an object array
+    mixed = np.empty(2, object)
+    mixed[0], mixed[1] = np.ones((5, 7, 3), np.uint8), np.ones((7, 5, 3), np.uint8)
+    shard = MemoryShard.from_batches([{"id": np.arange(3), "image": np.ones((3, 6, 6, 3), np.uint8)},
+                                      {"id": np.arange(3, 5), "image": mixed}])
+    assert len(shard) == 5 and shard.columns["image"].dtype == object
+    assert sorted(img.shape for img in shard.columns["image"]) == [(5, 7, 3)] + [(6, 6, 3)] * 3 + [(7, 5, 3)]
+    crop = lambda b: {**b, "image": np.stack([img[:4, :4] for img in b["image"]])}  # noqa: E731
+    batches = list(shard.epoch(0, batch_size=2, drop_last=False, seed=0, rank=0, augment=crop))
+    assert [tuple(b["image"].shape) for b in batches] == [(2, 4, 4, 3), (2, 4, 4, 3), (1, 4, 4, 3)]
+    assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(5))

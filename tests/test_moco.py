@@ -63,18 +63,67 @@ def test_key_encoder_moves_towards_the_query_encoder_by_momentum(moco):
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
 
 
+def _step_recording_key_groups(model: MoCoV2, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """One step; per call of the key encoder, which of ``im_k``'s images it got (in the order given),
+    and the batch size its first BatchNorm layer normalised."""
+    groups, bn_batches = [], []
+    hooks = [model.encoder_k.register_forward_pre_hook(
+                 lambda _, args: groups.append([int((im_k == x).flatten(1).all(1).nonzero()) for x in args[0]])),
+             model.encoder_k.net.bn1.register_forward_pre_hook(lambda _, args: bn_batches.append(len(args[0])))]
+    try:
+        model(im_q, im_k)
+    finally:
+        for h in hooks:
+            h.remove()
+    return groups, bn_batches
+
+
+def _keys_by_group(encoder: torch.nn.Module, im_k: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Normalised keys of ``im_k`` in its order, each group through ``encoder`` (and its BN) on its own."""
+    keys = [None] * len(im_k)
+    with torch.no_grad():
+        for g in groups:
+            for i, k in zip(g, F.normalize(encoder(im_k[g]), dim=1)):
+                keys[i] = k
+    return torch.stack(keys)
+
+
 def test_queue_holds_the_normalised_keys_after_a_step(moco):
     model = copy.deepcopy(moco)
     reference = copy.deepcopy(model)
     im_k = _images(8, 1)
     old_rest = model.queue[:, 8:].clone()
-    model(_images(8, 0), im_k)
+    groups, _ = _step_recording_key_groups(model, _images(8, 0), im_k)
     with torch.no_grad():
         reference._momentum_update()
-        keys = F.normalize(reference.encoder_k(im_k), dim=1)
+    keys = _keys_by_group(reference.encoder_k, im_k, groups)
     torch.testing.assert_close(model.queue[:, :8], keys.T)
     torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(32))
     assert torch.equal(model.queue[:, 8:], old_rest)
+
+
+def test_one_worker_key_bn_sees_shuffled_sub_batches_and_keys_come_back_in_order(moco):
+    """Shuffle-BN without DDP: >= 2 BN groups of a shuffled key batch, as on separate GPUs."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(moco)
+    im_k = _images(8, 1)
+    seen = []
+    for step in range(4):
+        reference = copy.deepcopy(model)
+        groups, bn_batches = _step_recording_key_groups(model, _images(8, step), im_k)
+        assert len(groups) >= 2 and bn_batches == [len(g) for g in groups] and max(bn_batches) < 8
+        assert sorted(i for g in groups for i in g) == list(range(8))  # every key once, none twice
+        seen.append([sorted(g) for g in groups])
+        with torch.no_grad():
+            reference._momentum_update()
+        # the queue's newest keys are image i's key from its own group, at position i
+        ptr = 8 * step
+        torch.testing.assert_close(model.queue[:, ptr:ptr + 8], _keys_by_group(reference.encoder_k, im_k, groups).T)
+    contiguous = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert any(g != contiguous for g in seen) and len({str(g) for g in seen}) > 1  # shuffled, differently each step
+    big = MoCoV2(SPEC, dim=16, K=64, m=0.9, bn_group=8)
+    groups, _ = _step_recording_key_groups(big, _images(32, 0), _images(32, 1))
+    assert [len(g) for g in groups] == [8, 8, 8, 8]  # about bn_group images per group
 
 
 def test_training_steps_lower_the_infonce_loss_on_a_repeated_batch(moco):

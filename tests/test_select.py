@@ -72,6 +72,40 @@ def test_lm_and_fm_keep_the_planted_relevant_classes(world, method):
     assert KeepSet.load(world[0] / method).ids.tolist() == ks.ids.tolist()
 
 
+@pytest.mark.parametrize("method", ["lm-reverse", "fm-reverse"])
+def test_reverse_keeps_the_least_voted_units_and_drops_the_planted_relevant_ones(world, method):
+    _, synth, _, _, relevant = world
+    labels = scan_image_folder(synth.source_dir).labels
+    ks = _select(world, method)
+    forward = _select(world, method.removesuffix("-reverse"), name=f"{method}-forward")
+    relevant_images = np.isin(labels, sorted(relevant))
+    kept = np.zeros(len(labels), bool)
+    kept[ks.ids] = True
+    assert kept[relevant_images].mean() <= 0.1  # the planted relevant images are dropped ...
+    assert kept[~relevant_images].mean() >= 0.5  # ... and the irrelevant ones are what is kept
+    assert ks.meta.units_kept == forward.meta.units_kept == 12
+    # at ratio 0.5 the two ends of one seeded ranking split the units: the keep-sets are complements
+    assert not set(ks.ids.tolist()) & set(forward.ids.tolist())
+    assert len(ks) + len(forward) == len(labels)
+    votes = np.asarray(ks.meta.votes_per_unit)
+    assert ks.meta.extra["zero_vote_units_kept"] == min(12, int((votes == 0).sum()))
+
+
+def test_lm_default_is_the_papers_top1_rule_and_records_its_ties(world):
+    assert SelectConfig(method="lm", ratio=0.5, source_features="-").runner_up_topk == 0
+    paper = _select(world, "lm", ratio=0.25, name="lm-paper")
+    variant = _select(world, "lm", ratio=0.25, name="lm-runner-up", runner_up_topk=3)
+    for ks in (paper, variant):
+        votes = np.asarray(ks.meta.votes_per_unit)
+        kept_units = np.unique(scan_image_folder(world[1].source_dir).labels[ks.ids])
+        assert ks.meta.extra["zero_vote_units_kept"] == int((votes[kept_units] == 0).sum())
+    assert paper.meta.extra["zero_vote_units_kept"] > 0  # 18 of 24 kept: some had no top-1 vote
+    assert paper.meta.extra["tie_break"] == "seeded"
+    assert variant.meta.extra["tie_break"] == "runner-up top-3 votes, then seeded"
+    with pytest.raises(UserError, match="runner_up_topk must be 0"):
+        _select(world, "lm", name="lm-bad", runner_up_topk=1)
+
+
 @pytest.mark.parametrize("method", ["fm", "fm-classmean"])
 def test_explorer_explains_fm_keepsets_from_their_artifacts(world, method):
     """The explorer re-derives an FM keep-set (k-means result it recorded, or class means) and shows it."""

@@ -41,6 +41,11 @@ def _write(tmp_path: Path, edit) -> Path:
     (lambda d: d["pretrain"].update(epoch=3), "unknown key(s) ['epoch']"),
     (lambda d: d.update(data={"source": "a", "tasks": ["b"]}), "exactly one of the sections synth"),
     (lambda d: d["sweep"].update(match_budget="el2n"), "match_budget must be one of"),
+    (lambda d: d["sweep"].update(surrogate_modes={"lm": "moco_v2"}), "LM votes with class predictions"),
+    (lambda d: d["sweep"].update(surrogate_modes={"fm": "moco_v2"}), "surrogate_modes.fm: only the sweep's own"),
+    (lambda d: d["sweep"].update(surrogate_modes={"lm": "simclr"}), "unknown mode 'simclr'"),
+    (lambda d: d["evaluate"].update(seed=3), "evaluate.seed is set by the sweep"),
+    (lambda d: d["surrogate"].update(mode="moco_v2"), "surrogate.mode is set by the sweep"),
 ])
 def test_bad_sweep_config_is_a_one_line_error(tmp_path, edit, message):
     with pytest.raises(UserError) as e:
@@ -88,13 +93,49 @@ def test_gpu_smoke_config_puts_every_stage_on_the_gpu():
 
 
 def test_surrogate_free_methods_are_selected_once_and_the_budget_method_first():
-    from dp4tl_ray.sweep import SweepConfig, methods_per_surrogate
+    from dp4tl_ray.sweep import SurrogateRef, SweepConfig, methods_per_surrogate
 
     sw = SweepConfig(methods=["dense", "random-image", "fm", "random-class", "moderate"], surrogates=["resnet18", "resnet50"])
-    assert methods_per_surrogate(sw) == {"resnet18": ["lm", "fm", "random-class", "random-image", "moderate"],
-                                         "resnet50": ["lm", "fm", "moderate"]}
+    assert methods_per_surrogate(sw) == {SurrogateRef("resnet18"): ["lm", "fm", "random-class", "random-image", "moderate"],
+                                         SurrogateRef("resnet50"): ["lm", "fm", "moderate"]}
     assert methods_per_surrogate(SweepConfig(methods=["random-class"], surrogates=["resnet18", "resnet50"])) == \
-        {"resnet18": ["random-class"]}
+        {SurrogateRef("resnet18"): ["random-class"]}
+
+
+def test_fm_gets_its_own_self_supervised_surrogate():
+    from dp4tl_ray.sweep import SurrogateRef, SweepConfig, methods_per_surrogate
+
+    sw = SweepConfig(methods=["dense", "lm", "fm", "fm-reverse", "moderate"], surrogate_modes={"fm": "moco_v2"})
+    sw.validate()
+    moco = SurrogateRef("resnet18", "moco_v2")
+    assert methods_per_surrogate(sw) == {SurrogateRef("resnet18"): ["lm", "fm-reverse", "moderate"], moco: ["fm"]}
+    assert moco.name == "resnet18-moco_v2" and SurrogateRef("resnet18").name == "resnet18"
+    # the baselines go with the method whose image budget they keep: its keep-set is selected beside them
+    by_fm = SweepConfig(methods=["lm", "fm", "moderate", "random-class"], surrogate_modes={"fm": "moco_v2"}, match_budget="fm")
+    assert methods_per_surrogate(by_fm) == {moco: ["fm", "random-class", "moderate"], SurrogateRef("resnet18"): ["lm"]}
+
+
+def test_a_surrogate_checkpoint_is_given_per_surrogate_name(tmp_path):
+    from dp4tl_ray.sweep import SurrogateRef, _surrogate
+
+    (tmp_path / "moco.pt").write_bytes(b"weights")
+    plan = load_plan(_write(tmp_path, lambda d: d["sweep"].update(
+        methods=["lm", "fm"], surrogate_modes={"fm": "moco_v2"},
+        surrogate_checkpoints={"resnet18-moco_v2": str(tmp_path / "moco.pt")})))
+    assert _surrogate(plan, SurrogateRef("resnet18", "moco_v2"), "-", tmp_path) == (str(tmp_path / "moco.pt"), 0.0)
+
+
+def test_the_evaluation_follows_the_trial_seed(tmp_path):
+    from dp4tl_ray.sweep import TrialSpec, eval_config
+
+    plan = load_plan(TINY, {"storage_path": str(tmp_path)})
+    spec = lambda seed: TrialSpec("lm", 0.5, "resnet18", "supervised", "task_0", seed, "resnet18", "/k", 1.0, 3, 6, 24, 48)  # noqa: E731
+    a, b, c = (eval_config(plan, spec(s), "lp", "/t", "/m.pt", tmp_path / "e.json") for s in (0, 0, 1))
+    assert a.seed == b.seed == 0 and c.seed == 1  # and so the hold-out split and the head init (test_evaluate)
+    assert a == b and {k for k in vars(a) if getattr(a, k) != getattr(c, k)} == {"seed"}
+    floor = eval_config(plan, TrialSpec("random-init", 0.0, None, None, "task_0", 2, "resnet34", None, 0.0, 0, None, 0, None),
+                        "lp", "/t", None, tmp_path / "f.json")
+    assert floor.seed == 2 and floor.arch == "resnet34" and floor.checkpoint is None
 
 
 def test_a_trial_spec_is_plain_data_for_tune_and_back():

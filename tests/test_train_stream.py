@@ -11,7 +11,9 @@ from dp4tl_ray.data.imagefolder import scan_image_folder
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta, keep_ids_for_units
 from dp4tl_ray.train.prefetch import EpochStream, Waits
-from dp4tl_ray.train.trainer import PretrainConfig, decoded_bytes, pretrain, use_decode_cache
+from dp4tl_ray.train.memory_shard import MemoryShard
+from dp4tl_ray.train.trainer import (PretrainConfig, augmented_dataset, decoded_bytes, pretrain, training_dataset,
+                                     use_decode_cache)
 
 
 def _epochs(stream: EpochStream, epochs: range) -> list[list[int]]:
@@ -68,13 +70,31 @@ def test_closing_stops_a_producer_that_is_ahead():
 
 def test_cache_decision(ray_local, tmp_path):
     cfg = PretrainConfig(source=str(tmp_path), out=str(tmp_path), image_size=32)
-    assert decoded_bytes(cfg, 10) == 10 * (32 * 32 * 3 + 12)
+    # decoded for training: the shorter side at resize (37 = 32 * 8/7), the longer estimated at 4:3
+    assert decoded_bytes(cfg, 10) == 10 * (37 * 49 * 3 + 12)
     assert use_decode_cache(cfg, 1000)  # 3 MB: fits any object store
     assert not use_decode_cache(cfg, 10**9)  # 3 TB: streams
     assert use_decode_cache(PretrainConfig(source="s", out="o", cache_decoded="true"), 10**9)
     assert not use_decode_cache(PretrainConfig(source="s", out="o", cache_decoded="false"), 10)
     with pytest.raises(UserError, match="cache_decoded must be"):
         PretrainConfig(source="s", out="o", cache_decoded="yes").validate()
+
+
+def test_training_rows_keep_each_aspect_on_the_cached_and_the_streamed_path(ray_local, tmp_path):
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "src" / f"c{c}").mkdir(parents=True)
+        for i, (w, h) in enumerate([(60, 40), (40, 60), (48, 48)]):
+            Image.fromarray(np.full((h, w, 3), 40 * i + c, np.uint8)).save(tmp_path / "src" / f"c{c}" / f"{i}.png")
+    cfg = PretrainConfig(source=str(tmp_path / "src"), out=str(tmp_path), image_size=24, resize_size=32, rows_per_block=2)
+    decoded, _, _, images = training_dataset(cfg)
+    decoded = decoded.materialize()
+    assert images == 6 and sorted(r["image"].shape for r in decoded.take_all()) == [(32, 32, 3)] * 2 + [(32, 48, 3)] * 2 + [(48, 32, 3)] * 2
+    cached = MemoryShard.from_batches(decoded.iter_batches(batch_size=4, batch_format="numpy"))  # a worker's cache
+    assert len(cached) == 6 and sorted(img.shape for img in cached.columns["image"])[-1] == (48, 32, 3)
+    streamed = augmented_dataset(decoded, cfg).take_all()  # the augmentation stage: fixed-size crops again
+    assert len(streamed) == 6 and {r["image"].shape for r in streamed} == {(24, 24, 3)}
 
 
 @pytest.fixture(scope="module")

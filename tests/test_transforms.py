@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import dp4tl_ray
+from dp4tl_ray.data.decode import DecodeSpec, decode_image, stack_images
 from dp4tl_ray.data.transforms import _GaussianBlur, augment_batch, finetune_augment, moco_v2_augment, supervised_augment
 
 
@@ -98,6 +99,59 @@ def test_augment_batch_gives_each_mode_its_recipe():
     for mode in ("supervised", "adversarial"):
         out = augment_batch(_batch(), mode=mode, size=20, scale=(0.5, 1.0))
         assert set(out) == {"id", "label", "image"} and out["image"].shape == (6, 20, 20, 3)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _banded(h: int, w: int, band: int) -> np.ndarray:
+    """Green, with a red band on the left edge and a blue one on the right: far from any centre crop."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 1] = 255
+    img[:, :band] = (255, 0, 0)
+    img[:, w - band:] = (0, 0, 255)
+    return img
+
+
+def _has_colour(images: np.ndarray, channel: int) -> np.ndarray:
+    """Per image: whether some pixel is (nearly) pure ``channel`` (0 red, 2 blue)."""
+    others = [c for c in range(3) if c != channel]
+    pure = (images[..., channel] > 200) & (images[..., others] < 60).all(-1)
+    return pure.reshape(len(images), -1).any(1)
+
+
+def test_training_crops_reach_pixels_outside_the_centre_crop():
+    data = _png(_banded(48, 96, 16))
+    whole = decode_image(data, DecodeSpec(size=24, resize=48, crop=False))  # short side 48: nothing to resize
+    centre = decode_image(data, DecodeSpec(size=24, resize=48))
+    assert whole.shape == (48, 96, 3) and centre.shape == (24, 24, 3)
+    assert not _has_colour(centre[None], 0)[0] and not _has_colour(centre[None], 2)[0]  # the eval view: green only
+    batch = lambda img: {"id": np.arange(32), "label": np.zeros(32), "image": np.repeat(img[None], 32, axis=0)}
+    train = supervised_augment(batch(whole), 24, generator=_gen(0))["image"]
+    assert _has_colour(train, 0).any() and _has_colour(train, 2).any()  # crops reach both edges ...
+    from_centre = supervised_augment(batch(centre), 24, generator=_gen(0))["image"]
+    assert not _has_colour(from_centre, 0).any() and not _has_colour(from_centre, 2).any()  # ... unlike before
+
+
+def test_training_decode_keeps_each_aspect_up_to_the_cap_and_batches_mixed_shapes():
+    spec = DecodeSpec(size=24, resize=40, crop=False)
+    tall = decode_image(_png(_banded(80, 60, 4)), spec)
+    panorama = decode_image(_png(_banded(40, 400, 4)), spec)
+    assert tall.shape == (53, 40, 3)  # shorter side 40, aspect kept
+    assert panorama.shape == (40, 80, 3)  # longer side capped at TRAIN_MAX_ASPECT x the shorter
+    mixed = stack_images([tall, panorama])
+    assert mixed.dtype == object and mixed.shape == (2,)
+    assert stack_images([tall, tall]).shape == (2, 53, 40, 3)
+    for out in (supervised_augment({"id": np.arange(2), "label": np.zeros(2), "image": mixed}, 24, generator=_gen(0)),
+                moco_v2_augment({"id": np.arange(2), "label": np.zeros(2), "image": mixed}, 24, generator=_gen(0))):
+        assert all(v.shape == (2, 24, 24, 3) and v.dtype == np.uint8 for k, v in out.items() if k in ("image", "q", "k"))
 
 
 def test_importing_the_augmentations_does_not_import_torch():

@@ -141,6 +141,16 @@ def test_runner_up_votes_break_ties_before_the_seeded_key():
         kept_units_for_ratio(votes, 0.5, 0, np.ones(3))
 
 
+def test_least_voted_keeps_the_other_end_of_the_ranking():
+    votes = np.array([9.0, 0.0, 4.0, 1.0, 0.0, 7.0])
+    assert kept_units_for_ratio(votes, 0.5, seed=0).tolist() == [0, 2, 5]
+    for seed in range(5):  # as many units, the least voted: both zero-vote units and the single vote
+        assert kept_units_for_ratio(votes, 0.5, seed, least_voted=True).tolist() == [1, 3, 4]
+    # ties at the cut are still broken by the seed, never by index
+    kept = {tuple(kept_units_for_ratio(np.array([3.0, 0.0, 0.0, 0.0]), 0.5, s, least_voted=True)) for s in range(20)}
+    assert len(kept) > 1 and all(0 not in k for k in kept)
+
+
 def test_images_kept_curve_matches_the_selection_at_every_ratio():
     rng = np.random.default_rng(7)
     votes = rng.poisson(2.0, size=13).astype(np.float64)  # zeros and ties included

@@ -1,4 +1,5 @@
-"""The CPU decode stage shared by every reader: bytes or path -> resized, centre-cropped RGB uint8.
+"""The CPU decode stage shared by every reader: bytes or path -> resized RGB uint8, centre-cropped
+for extraction and evaluation, whole (short side resized) for training's random crops.
 
 Unreadable images (truncated, empty, not an image) are dropped from the stream and recorded in a
 :class:`SkipLedger` actor, so a run goes on and its summary lists exactly what was skipped.
@@ -15,17 +16,30 @@ import numpy as np
 from PIL import Image
 
 
+# A training decode keeps the whole image up to this aspect ratio (longer side centre-cropped to it):
+# nearly every photo fits (ImageNet's are mostly 4:3 to 16:9) and a panorama cannot blow up memory.
+TRAIN_MAX_ASPECT = 2
+TYPICAL_ASPECT = 4 / 3  # ImageNet's usual photo: the estimate of a training decode's size
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
-    """How images are decoded: resize the shorter side to ``resize``, centre-crop ``size``."""
+    """How images are decoded: resize the shorter side to ``resize``, then centre-crop ``size``
+    (``crop``: extraction, evaluation) or keep the image whole, its shape varying with its aspect
+    (training: RandomResizedCrop then draws from all of it, as the ImageNet recipe does)."""
 
     size: int = 224
     resize: int = 256
+    crop: bool = True
 
     @classmethod
-    def for_size(cls, size: int, resize: int | None = None) -> DecodeSpec:
+    def for_size(cls, size: int, resize: int | None = None, crop: bool = True) -> DecodeSpec:
         """``resize`` defaults to the usual ImageNet ratio, ``size * 8/7`` (224 -> 256)."""
-        return cls(size, resize or round(size * 8 / 7))
+        return cls(size, resize or round(size * 8 / 7), crop)
+
+    def bytes_per_image(self) -> int:
+        """Bytes of one decoded image: exact when cropped, else at :data:`TYPICAL_ASPECT`."""
+        return 3 * (self.size * self.size if self.crop else self.resize * round(self.resize * TYPICAL_ASPECT))
 
     def __post_init__(self) -> None:
         from dp4tl_ray.errors import UserError
@@ -35,7 +49,9 @@ class DecodeSpec:
 
 
 def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
-    """Decode one encoded image to ``uint8[size, size, 3]`` (eval transform: resize + centre crop)."""
+    """Decode one encoded image to ``uint8[size, size, 3]`` (eval transform: resize + centre crop), or
+    without ``crop`` to ``uint8[H, W, 3]`` with the shorter side ``resize`` (the longer at most
+    :data:`TRAIN_MAX_ASPECT` times it)."""
     with Image.open(io.BytesIO(data)) as img:
         img.draft("RGB", (spec.resize, spec.resize))  # JPEG DCT-domain downscale: much faster decode
         img = img.convert("RGB")
@@ -44,8 +60,11 @@ def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
         if (w, h) != (round(w * scale), round(h * scale)):
             img = img.resize((max(spec.size, round(w * scale)), max(spec.size, round(h * scale))), Image.BILINEAR)
         w, h = img.size
-        left, top = (w - spec.size) // 2, (h - spec.size) // 2
-        img = img.crop((left, top, left + spec.size, top + spec.size))
+        longest = TRAIN_MAX_ASPECT * min(w, h)
+        cw, ch = (spec.size, spec.size) if spec.crop else (min(w, longest), min(h, longest))
+        if (cw, ch) != (w, h):
+            left, top = (w - cw) // 2, (h - ch) // 2
+            img = img.crop((left, top, left + cw, top + ch))
         return np.asarray(img, dtype=np.uint8)
 
 
@@ -73,7 +92,9 @@ def new_skip_ledger():
 def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | None = None, ledger=None) -> dict[str, np.ndarray]:
     """Ray Data UDF: rows with ``image`` bytes (parquet) or ``path`` (folder) -> ``id, label, image``.
 
-    Rows that fail to decode are dropped; with a ledger they are recorded there first.
+    Rows that fail to decode are dropped; with a ledger they are recorded there first. ``image`` is
+    uint8 NHWC, or (uncropped images of several shapes) an object array of HWC images, which Ray
+    Data stores as a variable-shaped tensor column.
     """
     ids, labels = batch["id"], batch["label"]
     keep, images, bad = [], [], []
@@ -96,5 +117,16 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | 
     return {
         "id": np.asarray(ids)[keep_idx].astype(np.int64),
         "label": np.asarray(labels)[keep_idx].astype(np.int32),
-        "image": np.stack(images) if images else np.zeros((0, spec.size, spec.size, 3), np.uint8),
+        "image": stack_images(images) if images else np.zeros((0, spec.size, spec.size, 3), np.uint8),
     }
+
+
+def stack_images(images) -> np.ndarray:
+    """HWC images (a list or batches' arrays) as one uint8 NHWC array when they share a shape, else
+    a 1-D object array of them: how Ray Data hands out a variable-shaped tensor column."""
+    if len({img.shape for img in images}) <= 1:
+        return np.stack(images)
+    out = np.empty(len(images), dtype=object)
+    for i, img in enumerate(images):
+        out[i] = img
+    return out

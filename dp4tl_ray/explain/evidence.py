@@ -18,7 +18,7 @@ from dp4tl_ray.featurestore import MANIFEST, FeatureStore
 from dp4tl_ray.select.class_stats import class_means
 from dp4tl_ray.select.feature_mapping import nearest_centres
 from dp4tl_ray.select.keepset import KeepSet, isin_sorted
-from dp4tl_ray.select.pipeline import UNIT_METHODS
+from dp4tl_ray.select.pipeline import REVERSE, UNIT_METHODS
 from dp4tl_ray.select.voting import (
     combine_task_votes,
     images_kept_per_units_dropped,
@@ -161,9 +161,13 @@ def load_evidence(path: str | Path) -> Evidence:
     path = Path(path)
     ks = KeepSet.load(path)
     meta = ks.meta
+    shown = [m for m in UNIT_METHODS if not m.endswith(REVERSE)]
     if meta.method not in UNIT_METHODS:
         raise UserError(f"keep-set {path} was made by {meta.method!r}, which prunes without unit votes; "
-                        f"the explorer shows {', '.join(UNIT_METHODS)} keep-sets")
+                        f"the explorer shows {', '.join(shown)} keep-sets")
+    if meta.method not in shown:
+        raise UserError(f"keep-set {path} is the {meta.method!r} ablation, which keeps the units below the cut "
+                        f"line; the explorer shows {', '.join(shown)} keep-sets")
     if not meta.source_features or len(meta.downstream_features) != len(meta.downstream):
         raise UserError(f"keep-set {path} does not name the FeatureStores it was selected from "
                         f"(written before they were recorded); {_RESELECT}")

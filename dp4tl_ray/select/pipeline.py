@@ -40,10 +40,14 @@ from dp4tl_ray.select.voting import (
 )
 
 log = logging.getLogger(__name__)
-UNIT_METHODS = ("lm", "fm", "fm-classmean")
+# "<method>-reverse" keeps the *least* voted units (the reference code's `reverse` flag): a sanity
+# ablation that should transfer worse than random-class, never a method to use.
+REVERSE = "-reverse"
+UNIT_METHODS = ("lm", "fm", "fm-classmean", "lm" + REVERSE, "fm" + REVERSE)
+KMEANS_METHODS = ("fm", "fm" + REVERSE)  # their units are k-means clusters of the source features
 IMAGE_METHODS = ("random-image", "moderate", "el2n", "grand")  # prune images to an image budget
 METHODS = UNIT_METHODS + ("random-class",) + IMAGE_METHODS
-ACTOR_METHODS = ("fm", "fm-classmean", "moderate")  # read the source features on Ray actors
+ACTOR_METHODS = KMEANS_METHODS + ("fm-classmean", "moderate")  # read the source features on Ray actors
 
 
 @dataclass
@@ -57,7 +61,9 @@ class SelectConfig:
     out: str = "keepset"
     seed: int = 0  # tie-breaking, k-means and random baselines
     vote_topk: int = 1  # 1 = hard votes; k > 1 = each image gives 1/k to its top-k units
-    runner_up_topk: int = 3  # ties in votes (zero votes, mostly) go to units more often in images' top-k; 0 = off
+    # 0 = the paper's rule: ties in top-1 votes (zero votes, mostly) broken by a seeded permutation.
+    # k > vote_topk = the runner-up variant: ties go first to units more often in the images' top-k.
+    runner_up_topk: int = 0
     # LM/FM ranking: "votes" (the paper's rule) or "one-to-one" (each downstream class claims one unit per
     # round, ILM-VP's greedy mapping; helps when a sink takes the top-1 but each class's unit is in its top-k)
     vote_rule: str = "votes"
@@ -87,6 +93,8 @@ class SelectConfig:
             raise UserError(f"moderate_band must be one of {', '.join(MODERATE_BANDS)}, got {self.moderate_band!r}")
         if self.vote_topk < 1:
             raise UserError(f"vote_topk must be >= 1, got {self.vote_topk}")
+        if self.runner_up_topk and self.runner_up_topk <= self.vote_topk:
+            raise UserError(f"runner_up_topk must be 0 (off) or more than vote_topk={self.vote_topk}, got {self.runner_up_topk}")
         if not self.downstream_features and self.method in UNIT_METHODS:
             raise UserError("no downstream FeatureStore given; extract the downstream train set and pass it")
 
@@ -125,7 +133,7 @@ def _units(cfg: SelectConfig, source: FeatureStore,
     FM adds to ``spent`` its k-means wall seconds here and the k-means run's own recorded seconds."""
     classes = source.manifest["classes"]
     ids, labels = _source_ids_labels(source)
-    if cfg.method == "lm":
+    if cfg.method.removesuffix(REVERSE) == "lm":
         return ids, labels, None, list(classes), {}
     if cfg.method == "fm-classmean":
         return ids, labels, class_means(source, len(classes), cfg.kmeans_actors), list(classes), {}
@@ -193,11 +201,12 @@ def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: 
 def _kept_units(cfg: SelectConfig, tasks: dict[str, FeatureStore], centres: np.ndarray | None, votes: np.ndarray,
                 runner_up: np.ndarray | None) -> np.ndarray:
     """The units kept under ``cfg.vote_rule``; for one-to-one every downstream class of every task claims units."""
+    reverse = cfg.method.endswith(REVERSE)  # the sanity ablation keeps the other end of the ranking
     if cfg.vote_rule == "votes":
-        return kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up)
+        return kept_units_for_ratio(votes, cfg.ratio, cfg.seed, runner_up, least_voted=reverse)
     rows = [_image_units(store, centres, max(cfg.vote_topk, cfg.runner_up_topk, 1)) for store in tasks.values()]
     ranking = one_to_one_ranking(rows, len(votes), rank_units_by_votes(votes, cfg.seed, runner_up))
-    return kept_units_from_ranking(ranking, cfg.ratio)
+    return kept_units_from_ranking(ranking[::-1] if reverse else ranking, cfg.ratio)
 
 
 def _given_scores_file(cfg: SelectConfig) -> Path:
@@ -276,14 +285,19 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, fl
         if store.num_rows == 0:
             raise UserError(f"downstream set {path} has no images; extract its train/ folder first")
         tasks[_task_name(store) if _task_name(store) not in tasks else str(path)] = store
+    if cfg.method.removesuffix(REVERSE) == "lm" and not source.manifest["surrogate"].get("classifier", True):
+        raise UserError(f"LM needs class predictions but {source.path} was extracted with a self-supervised surrogate "
+                        "(features only); select with fm, or extract with a supervised surrogate")
     ids, unit_of_row, centres, names, extra = _units(cfg, source, spent)
     num_units = len(names)
     votes = _votes(tasks, num_units, centres, cfg.vote_topk)
-    runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk > cfg.vote_topk else None
+    runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk else None
     kept = _kept_units(cfg, tasks, centres, votes, runner_up)
     summary = summarize_selection(votes, kept, np.bincount(unit_of_row, minlength=num_units))
     top = np.argsort(-votes, kind="stable")[:10]
-    extra = {**extra, "vote_topk": cfg.vote_topk, "runner_up_topk": cfg.runner_up_topk, "vote_rule": cfg.vote_rule,
+    tie_break = f"runner-up top-{cfg.runner_up_topk} votes, then seeded" if runner_up is not None else "seeded"
+    extra = {**extra, "vote_topk": cfg.vote_topk, "runner_up_topk": cfg.runner_up_topk, "tie_break": tie_break,
+             "zero_vote_units_kept": int((votes[kept] == 0).sum()), "vote_rule": cfg.vote_rule,
              "fraction_images_removed": summary.fraction_images_removed,
              "top_units": [{"unit": int(u), "name": names[u], "votes": float(votes[u])} for u in top],
              "diagnostics": _diagnostics(tasks, centres, cfg.vote_topk, names)}

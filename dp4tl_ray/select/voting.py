@@ -96,12 +96,15 @@ def units_to_drop(num_units: int, ratio: float) -> int:
 
 
 def kept_units_for_ratio(votes: np.ndarray, ratio: float, seed: int,
-                         runner_up_votes: np.ndarray | None = None) -> np.ndarray:
+                         runner_up_votes: np.ndarray | None = None, least_voted: bool = False) -> np.ndarray:
     """Sorted ids of the units kept once the ``floor(ratio * U)`` lowest-ranked are dropped.
 
     Zero-vote units rank last, so they are the first to go (see :func:`rank_units_by_votes` for ties).
+    ``least_voted`` keeps as many units from the other end of the ranking instead: the sanity
+    ablation of the reference code's ``reverse`` flag, which should transfer worse than random.
     """
-    return kept_units_from_ranking(rank_units_by_votes(votes, seed, runner_up_votes), ratio)
+    ranking = rank_units_by_votes(votes, seed, runner_up_votes)
+    return kept_units_from_ranking(ranking[::-1] if least_voted else ranking, ratio)
 
 
 def kept_units_from_ranking(ranking: np.ndarray, ratio: float) -> np.ndarray:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from dp4tl_ray.data.decode import stack_images
+
 Batch = dict[str, np.ndarray]
 
 
@@ -29,12 +31,14 @@ class MemoryShard:
 
     @classmethod
     def from_batches(cls, batches: Iterable[Batch]) -> MemoryShard:
-        """Concatenate numpy batches (e.g. a Ray Data shard's ``iter_batches(batch_format="numpy")``)."""
+        """Concatenate numpy batches (e.g. a Ray Data shard's ``iter_batches(batch_format="numpy")``).
+        Images of several shapes (a training decode keeps each image's aspect) may come as NHWC
+        arrays from some blocks and object arrays from others: they become one object column."""
         parts: dict[str, list[np.ndarray]] = {}
         for b in batches:
             for k, v in b.items():
                 parts.setdefault(k, []).append(np.asarray(v))
-        return cls({k: np.concatenate(v) for k, v in parts.items()})
+        return cls({k: _concatenate(v) for k, v in parts.items()})
 
     def __len__(self) -> int:
         return self.rows
@@ -55,6 +59,12 @@ class MemoryShard:
             if cuda:
                 batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
             yield batch
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    if len({(p.dtype, p.shape[1:]) for p in parts}) == 1:
+        return np.concatenate(parts)
+    return stack_images([row for p in parts for row in p])
 
 
 __all__ = ["MemoryShard"]

@@ -2,7 +2,10 @@
 
 Under ``torch.distributed`` (world size > 1) the keys of every rank are enqueued, so the queue is
 identical everywhere, and the key encoder runs on a batch shuffled across ranks (shuffle-BN) so
-BatchNorm cannot use batch statistics to tell positives apart. Wrap with DDP using
+BatchNorm cannot use batch statistics to tell positives apart. On one worker the same is emulated
+as the official single-GPU demo does with its SplitBatchNorm: the key batch is shuffled and
+normalised in groups (about :data:`MOCO_BN_GROUP` images, at least 2), then the keys are put back
+in order. Wrap with DDP using
 :func:`ddp_kwargs` (no buffer broadcast per step): the queue needs none, since every rank writes
 the same keys, and broadcasting a 128 x 65536 queue each step would cost 32 MiB of traffic for
 nothing. BN running statistics then stay per rank (rank 0's are saved; evaluation does not need them).
@@ -31,6 +34,8 @@ MOCO_DIM = 128  # output feature dimension
 MOCO_K = 65536  # queue size (number of negative keys)
 MOCO_M = 0.999  # key-encoder momentum
 MOCO_T = 0.2  # softmax temperature (MoCo v2; v1 used 0.07)
+# Images per GPU in MoCo's 8-GPU recipe (batch 256): the BN batch of one emulated GPU on one worker.
+MOCO_BN_GROUP = 32
 
 
 def ddp_kwargs() -> dict[str, bool]:
@@ -59,9 +64,9 @@ class MoCoV2(nn.Module):
     """Query encoder, momentum key encoder and key queue; ``forward`` returns InfoNCE logits and labels."""
 
     def __init__(self, spec: ModelSpec, dim: int = MOCO_DIM, K: int = MOCO_K, m: float = MOCO_M, T: float = MOCO_T,
-                 seed: int = 0):
+                 seed: int = 0, bn_group: int = MOCO_BN_GROUP):
         super().__init__()
-        self.K, self.m, self.T = K, m, T
+        self.K, self.m, self.T, self.bn_group = K, m, T, bn_group
         with torch.random.fork_rng(devices=[]):  # same initial weights and queue on every rank
             torch.manual_seed(seed)
             self.encoder_q = Surrogate(replace(spec, num_classes=dim))
@@ -85,7 +90,7 @@ class MoCoV2(nn.Module):
     def _keys(self, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised keys of this rank's ``im_k``, and of every rank's (rank order) for the queue."""
         if not _distributed():
-            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
+            k = self._split_bn_keys(im_k)
             return k, k
         sizes = _gather(torch.tensor([len(im_k)], device=im_k.device))
         if bool((sizes != sizes[0]).any()):
@@ -96,6 +101,16 @@ class MoCoV2(nn.Module):
         shuffled = F.normalize(self.encoder_k(_gather(im_k)[perm.view(world, -1)[rank]]).float(), dim=1)
         k_all = _gather(shuffled)[torch.argsort(perm)]  # back to rank order
         return k_all.view(world, -1, k_all.shape[1])[rank], k_all
+
+    @torch.no_grad()
+    def _split_bn_keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Shuffle-BN on one worker: the shuffled key batch goes through the key encoder in groups,
+        each normalised by its own batch statistics as on separate GPUs; keys come back in order."""
+        n = len(im_k)
+        perm = torch.randperm(n, device=im_k.device)
+        groups = im_k[perm].tensor_split(min(n, max(2, n // self.bn_group)))
+        k = torch.cat([self.encoder_k(g) for g in groups])
+        return F.normalize(k.float(), dim=1)[torch.argsort(perm)]
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
@@ -121,4 +136,4 @@ class MoCoV2(nn.Module):
         return logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
 
 
-__all__ = ["MOCO_DIM", "MOCO_K", "MOCO_M", "MOCO_T", "MoCoV2", "ddp_kwargs"]
+__all__ = ["MOCO_BN_GROUP", "MOCO_DIM", "MOCO_K", "MOCO_M", "MOCO_T", "MoCoV2", "ddp_kwargs"]

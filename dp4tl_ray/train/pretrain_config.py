@@ -27,7 +27,7 @@ class PretrainConfig:
     arch: str = "resnet50"
     small_input: bool = False
     image_size: int = 224
-    resize_size: int | None = None  # decode resize before the random crop; default image_size * 8/7
+    resize_size: int | None = None  # shorter side after decode (image kept whole for the random crop); default image_size * 8/7
     crop_scale_min: float = 0.08  # RandomResizedCrop lower scale (MoCo v2 uses 0.2)
     epochs: int = 90
     batch_size: int = 256  # per worker

@@ -48,8 +48,16 @@ CACHE_STORE_FRACTION = 0.25  # cache_decoded=auto: at most this share of the obj
 
 
 def decoded_bytes(cfg: PretrainConfig, images: int) -> int:
-    """Object-store bytes of ``images`` decoded rows (uint8 image + id + label)."""
-    return images * (3 * cfg.image_size * cfg.image_size + 12)
+    """Object-store bytes of ``images`` decoded training rows (uint8 image + id + label)."""
+    return images * (train_decode_spec(cfg).bytes_per_image() + 12)
+
+
+def train_decode_spec(cfg: PretrainConfig):
+    """Training decodes without the centre crop: the shorter side resized to ``resize_size``, the
+    whole image kept for RandomResizedCrop (extraction and evaluation centre-crop)."""
+    from dp4tl_ray.data.decode import DecodeSpec
+
+    return DecodeSpec.for_size(cfg.image_size, cfg.resize_size, crop=False)
 
 
 def use_decode_cache(cfg: PretrainConfig, images: int) -> bool:
@@ -80,7 +88,6 @@ def training_dataset(cfg: PretrainConfig):
     (:mod:`~dp4tl_ray.train.memory_shard`). Small and pruned sources (the
     demo, the benchmarks, CIFAR-scale data) fit; ImageNet at 224 px (~150 KB an image decoded,
     ~190 GB for 1.28 M images) does not, and streams as before."""
-    from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.data.source import open_source
     from dp4tl_ray.select.keepset import KeepSet
 
@@ -98,8 +105,7 @@ def training_dataset(cfg: PretrainConfig):
     else:
         kept_ids = np.arange(len(labels))
     kept_classes = np.unique(labels[kept_ids]).tolist()
-    decode = DecodeSpec.for_size(cfg.image_size, cfg.resize_size)
-    ds = source.decode(rows, decode, cfg.rows_per_block)
+    ds = source.decode(rows, train_decode_spec(cfg), cfg.rows_per_block)
     return ds, source, kept_classes, int(len(kept_ids))
 
 
@@ -201,4 +207,4 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
 
 
 __all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decoded_bytes", "pretrain",
-           "source_labels", "training_dataset", "use_decode_cache"]
+           "source_labels", "train_decode_spec", "training_dataset", "use_decode_cache"]
