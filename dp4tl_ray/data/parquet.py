@@ -8,7 +8,6 @@ re-encoding); unreadable files are caught later by the shared decode stage, as f
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
-from dp4tl_ray.data.imagefolder import FolderIndex, write_class_index
+from dp4tl_ray.artifact_io import parquet_metadata, read_json
+from dp4tl_ray.data.imagefolder import FolderIndex, read_class_index, write_class_index
 from dp4tl_ray.errors import UserError
 
 SHARD_SCHEMA = pa.schema(
@@ -74,16 +74,16 @@ def open_shards(root: str | Path) -> ShardSet:
     index_file = root / "class_index.json"
     if not index_file.is_file():
         raise UserError(f"{root} has no class_index.json; shards need one (written by `dp4tl data shard`)")
-    mapping = json.loads(index_file.read_text())
-    classes = sorted(mapping, key=mapping.__getitem__)
+    classes = read_class_index(index_file)
     h = hashlib.sha256("\n".join(classes).encode())
     num_rows = 0
+    fix = f"re-create the shards with `dp4tl data shard` (or restore {root} from its source)"
     for f in files:
-        md = pq.read_metadata(f)
+        md = parquet_metadata(f, fix, SHARD_SCHEMA.names)
         num_rows += md.num_rows
         h.update(f"\n{f.name}\t{f.stat().st_size}\t{md.num_rows}".encode())
     meta = root / SHARDS_META
-    origin = json.loads(meta.read_text()).get("source_fingerprint") if meta.is_file() else None
+    origin = read_json(meta, fix).get("source_fingerprint") if meta.is_file() else None
     return ShardSet(root, files, classes, num_rows, h.hexdigest(), origin)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
+from dp4tl_ray.artifact_io import reading
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import FeatureStore, feature_matrix
+from dp4tl_ray.featurestore import FeatureStore, feature_matrix, store_fix
 from dp4tl_ray.select.voting import votes_from_topk
 
 
@@ -27,7 +28,8 @@ def class_means_of_store(store: FeatureStore, num_classes: int) -> np.ndarray:
     sums = np.zeros((num_classes, store.dim), np.float64)
     counts = np.zeros(num_classes, np.int64)
     for f in store.files:
-        t = pq.read_table(f, columns=["label", "feature"])
+        with reading(f, store_fix(store.path)):
+            t = pq.read_table(f, columns=["label", "feature"])
         s, c = class_sums(feature_matrix(t.column("feature")), t.column("label").to_numpy(), num_classes)
         sums += s
         counts += c

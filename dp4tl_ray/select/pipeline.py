@@ -149,17 +149,15 @@ def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: 
 def _image_scores(cfg: SelectConfig, source: FeatureStore):
     """``id, el2n, grand`` per source row: read from ``cfg.scores`` (a scores.parquet or its directory),
     else computed once and cached next to the source features."""
-    import pyarrow.parquet as pq
-
     from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.models import ModelSpec
-    from dp4tl_ray.select.scores import SCORES_FILE, compute_scores
+    from dp4tl_ray.select.scores import SCORES_FILE, compute_scores, read_scores
 
     cache = source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
     path = Path(cfg.scores) if cfg.scores else cache
     file = path / SCORES_FILE if path.suffix != ".parquet" else path
     if file.is_file():
-        return pq.read_table(file)
+        return read_scores(file)
     if cfg.scores:
         raise UserError(f"scores file {file} not found; drop --scores to compute them")
     m = source.manifest

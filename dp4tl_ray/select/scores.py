@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import read_parquet
 from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
@@ -213,6 +214,12 @@ def compute_scores(
         with atomic.file_path(Path(out) / SCORES_FILE) as tmp:
             pq.write_table(table, tmp)
     return table
+
+
+def read_scores(file: str | os.PathLike) -> pa.Table:
+    """A ``scores.parquet`` written by :func:`compute_scores` (``id, el2n, grand``); a damaged one is one line."""
+    fix = f"delete {file} and select again (the scores are recomputed), or pass another --scores"
+    return read_parquet(file, fix, SCHEMA.names)
 
 
 def _checked_grand_params(grand_params: str) -> str:
