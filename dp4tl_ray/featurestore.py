@@ -19,7 +19,7 @@ from dp4tl_ray.artifact_io import damaged, parquet_metadata, read_json, reading
 from dp4tl_ray.errors import UserError
 
 MANIFEST = "manifest.json"
-MANIFEST_KEYS = ("dim", "num_rows", "topk", "classes")  # what readers of a store rely on
+MANIFEST_KEYS = ("dim", "num_rows", "topk")  # what the store itself reads from its manifest
 
 
 def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_logit: np.ndarray) -> pa.Table:

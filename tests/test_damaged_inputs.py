@@ -144,7 +144,7 @@ def write_store(path: Path, n: int = 12, d: int = 4, k: int = 2, files: int = 2,
 @pytest.mark.parametrize("kind", DAMAGES)
 @pytest.mark.parametrize("name,wrong", [
     ("part-1.parquet", write_other_parquet),
-    (MANIFEST, lambda p: p.write_text(json.dumps({"dim": 4, "num_rows": 12}))),  # keys missing
+    (MANIFEST, lambda p: p.write_text(json.dumps({"dim": 4, "num_rows": 12}))),  # topk missing
 ])
 def test_damaged_featurestore_is_one_line(tmp_path, kind, name, wrong):
     store = write_store(tmp_path / "store")
