@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dp4tl_ray.cli import init_ray_for_sweep  # noqa: E402
-from dp4tl_ray.report import load_results, ok_trials  # noqa: E402
+from dp4tl_ray.cli import init_ray  # noqa: E402
+from dp4tl_ray.report import ok_trials  # noqa: E402
+from dp4tl_ray.results import load_results  # noqa: E402
 from dp4tl_ray.sweep import load_plan, run_sweep  # noqa: E402
 
 RATIO = 0.8
@@ -69,7 +70,7 @@ def main() -> int:
         name = load_plan(args.config).sweep.name + "-" + "-".join(
             f"{k}{'_'.join(str(x) for x in v)}" for k, v in overrides.items() if v is not None)
     plan = load_plan(args.config, {"storage_path": args.storage_path, "name": name, **overrides})
-    init_ray_for_sweep()
+    init_ray(worker_logs=False)
     t0 = time.perf_counter()
     summary = run_sweep(plan)
     records = load_results(summary["sweep"])

@@ -79,3 +79,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names remote storage (``s3://``, ``gs://``, ``file://``...) rather than a local path."""
+    return "://" in str(path)

@@ -40,12 +40,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The stage's config from ``--config`` and the flags, validated (bad input fails before Ray starts)."""
     data = load_yaml(args.config) if args.config else {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:
             data[f.name] = value
-    return from_dict(cls, data, where=cls.__name__)
+    cfg = from_dict(cls, data, where=cls.__name__)
+    cfg.validate()
+    return cfg
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -78,7 +81,9 @@ def _cmd_shard(args: argparse.Namespace) -> None:
 def _cmd_extract(args: argparse.Namespace) -> None:
     from dp4tl_ray.features import ExtractConfig, extract_features
 
-    store = extract_features(_config_from_args(ExtractConfig, args))
+    cfg = _config_from_args(ExtractConfig, args)
+    init_ray()
+    store = extract_features(cfg)
     print(format_extract_summary(store))
 
 
@@ -100,16 +105,20 @@ def format_extract_summary(store) -> str:
 
 
 def _cmd_select(args: argparse.Namespace) -> None:
-    from dp4tl_ray.select.pipeline import SelectConfig, format_keepset_summary, select_keepset
+    from dp4tl_ray.select.pipeline import SelectConfig, format_keepset_summary, select_keepset, uses_ray
 
     cfg = _config_from_args(SelectConfig, args)
+    if uses_ray(cfg):
+        init_ray()
     print(format_keepset_summary(select_keepset(cfg), cfg.out))
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from dp4tl_ray.train.trainer import PretrainConfig, pretrain
 
-    r = pretrain(_config_from_args(PretrainConfig, args))
+    cfg = _config_from_args(PretrainConfig, args)
+    init_ray()
+    r = pretrain(cfg)
     m = r.metrics
     print(f"pretrained {m.get('epoch')} epoch(s) on {r.images} images of {len(r.kept_classes)} classes "
           f"in {r.seconds:.0f}s (last epoch: loss {m.get('loss', float('nan')):.4f}, {m.get('images_per_s', 0):.0f} images/s)")
@@ -120,6 +129,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from dp4tl_ray.train.evaluate import EvalConfig, evaluate
 
     cfg = _config_from_args(EvalConfig, args)
+    init_ray()
     r = evaluate(cfg)
     print(f"{r['mode'].upper()} on {r['task']}: test top-1 {r['test_acc']:.4f} at epoch {r['best_epoch']} "
           f"(chosen on validation, val {r['val_acc']:.4f}); max test over epochs {r['test_acc_max_over_epochs']:.4f} "
@@ -152,9 +162,11 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None, help="override sweep.work_dir (shared artifacts)")
 
 
-def init_ray_for_sweep() -> None:
-    """Attach to the cluster a job runs on (RAY_ADDRESS, set by `ray job submit`), else start an embedded
-    local Ray whose node holds the trial-driver resource the sweep's Tune trials ask for."""
+def init_ray(worker_logs: bool = True) -> None:
+    """Ray for an entry point (the library never starts it): attach to the cluster named by RAY_ADDRESS
+    (set by `ray job submit`), else start an embedded local Ray whose node also holds the trial-driver
+    resource a sweep's Tune trials ask for. ``worker_logs`` False keeps workers' output off the console
+    (a sweep's many trials). Nothing happens when Ray is already up."""
     import os
 
     import ray
@@ -168,14 +180,14 @@ def init_ray_for_sweep() -> None:
     else:
         cpus = os.cpu_count() or 2
         ray.init(address="local", num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=worker_logs)
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
     from dp4tl_ray.sweep import load_plan, run_sweep
 
     plan = load_plan(args.config, {"name": args.name, "storage_path": args.storage_path, "work_dir": args.work_dir})
-    init_ray_for_sweep()
+    init_ray(worker_logs=False)
     s = run_sweep(plan)
     print(f"[sweep] {s['ok']}/{s['trials']} trials ok in {s['seconds']:.0f}s; results: {s['results']}")
     report = s.get("report")
@@ -259,7 +271,7 @@ def main() -> None:
     sys.exit(run())
 
 
-__all__ = ["main", "run", "build_parser", "format_extract_summary"]
+__all__ = ["main", "run", "build_parser", "format_extract_summary", "init_ray"]
 
 
 if __name__ == "__main__":

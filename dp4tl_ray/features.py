@@ -139,8 +139,6 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
             return existing
         log.info("FeatureStore %s is stale (inputs changed): rebuilding", out)
 
-    if not ray.is_initialized():
-        ray.init()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     pool = InferencePool.plan(cfg.num_actors)

@@ -1,7 +1,7 @@
 """``dp4tl report``: a sweep's ``results.jsonl`` -> accuracy and time tables (CSV, Markdown) and plots.
 
-Everything but the file reading and writing is pure: trials (dicts) in, flat summary rows out, and
-tables and figures drawn from those rows. A table covers one (mode, arch, surrogate, task) group;
+Everything but writing the files is pure: trials (dicts, read by ``dp4tl_ray.results``) in, flat
+summary rows out, and tables and figures drawn from those rows. A table covers one (mode, arch, surrogate, task) group;
 rows are methods (dense first), columns pruning ratios, cells mean ± std over seeds in percent.
 ``random-init`` (no pretraining at all: the floor any pretraining must beat) is a reference row like dense.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -18,18 +17,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dp4tl_ray import atomic
+from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.results import DENSE, RANDOM_INIT, REFERENCES, RESULTS_FILE, load_results  # REFERENCES: rows without a ratio
 from dp4tl_ray.select.pipeline import METHODS
-from dp4tl_ray.sweep import DENSE, RANDOM_INIT, REFERENCES, RESULTS_FILE  # REFERENCES: rows without a ratio
 
 METHOD_ORDER = (DENSE,) + METHODS + (RANDOM_INIT,)
 GROUP_KEYS = ("mode", "arch", "surrogate", "task")
-TRIAL_KEYS = (
-    "trial_id", "status", "error", "method", "ratio", *GROUP_KEYS, "seed",
-    "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max",
-    "kept_units", "total_units", "kept_images", "total_images",
-    "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker", "use_gpu",
-)
 
 
 @dataclass(frozen=True)
@@ -48,78 +42,7 @@ METRICS = (
 PLOTTED = ("lp", "ff")  # honest (validation-chosen) metrics get a figure each
 
 
-# ---------------------------------------------------------------- reading
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _read_text(sweep_dir: str) -> str:
-    """The results file's text, from a local folder or any URI pyarrow.fs knows (s3://, gs://, file://)."""
-    if _is_uri(sweep_dir):
-        import pyarrow.fs as pafs
-
-        try:
-            fs, root = pafs.FileSystem.from_uri(sweep_dir)
-            with fs.open_input_stream(f"{root.rstrip('/')}/{RESULTS_FILE}") as f:
-                return f.read().decode()
-        except FileNotFoundError:
-            raise UserError(f"no {RESULTS_FILE} under {sweep_dir}: run the sweep first (dp4tl sweep)") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {sweep_dir}/{RESULTS_FILE}: {str(e).splitlines()[0]}") from None
-    path = Path(sweep_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise UserError(f"no {RESULTS_FILE} in {sweep_dir}: run the sweep first (dp4tl sweep)")
-    return path.read_text()
-
-
-def normalize_trial(obj: dict[str, Any]) -> dict[str, Any]:
-    """A trial with every contract key (missing optional keys -> None); bad ones become error trials."""
-    t = {k: obj.get(k) for k in TRIAL_KEYS}
-    if t["method"] in REFERENCES and t["ratio"] is None:
-        t["ratio"] = 0.0
-    if t["status"] == "ok":
-        missing = [k for k in ("method", "ratio") if t[k] is None]
-        if missing:
-            t.update(status="error", error=f"result lacks {', '.join(missing)}")
-    elif t["status"] != "error":
-        t.update(status="error", error=t["error"] or f"unknown status {t['status']!r}")
-    if t["ratio"] is not None:
-        try:
-            t["ratio"] = round(float(t["ratio"]), 6)
-        except (TypeError, ValueError):
-            t.update(status="error", error=f"ratio {t['ratio']!r} is not a number", ratio=None)
-    if t["error"] is not None:
-        t["error"] = (str(t["error"]).strip().splitlines() or [""])[0]  # one line each in the report
-    return t
-
-
-def parse_results(text: str) -> list[dict[str, Any]]:
-    """Trials from JSON lines. A trial id seen twice (a resumed sweep) keeps its last line;
-    an unreadable line (e.g. cut short by a kill) becomes an error trial so it is counted, not lost."""
-    by_id: dict[Any, dict[str, Any]] = {}
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            obj = {"trial_id": f"line {i}", "status": "error", "error": "unreadable line (not a JSON object)"}
-        t = normalize_trial(obj)
-        by_id[t["trial_id"] if t["trial_id"] is not None else f"line {i}"] = t
-    return list(by_id.values())
-
-
-def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every trial of a sweep (``status`` "ok" or "error"); tables use the ok ones and count the rest."""
-    sweep_dir = str(sweep_dir)
-    trials = parse_results(_read_text(sweep_dir))
-    if not trials:
-        raise UserError(f"{sweep_dir}/{RESULTS_FILE} holds no trials yet: run the sweep first (dp4tl sweep)")
-    return trials
-
+# ---------------------------------------------------------------- trials
 
 def ok_trials(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [t for t in trials if t["status"] == "ok"]
@@ -416,10 +339,10 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     """Write report.md, accuracy.csv, time.csv and the PNGs (under ``<sweep_dir>/report`` by default)."""
     sweep_dir = str(sweep_dir)
     if out_dir is None:
-        if _is_uri(sweep_dir):
+        if is_uri(sweep_dir):
             raise UserError(f"{sweep_dir} is remote: give --out DIR, a local folder for the report")
         out_dir = Path(sweep_dir) / "report"
-    elif _is_uri(str(out_dir)):
+    elif is_uri(str(out_dir)):
         raise UserError(f"--out {out_dir}: the report is written to a local folder, not a URI")
     out = Path(out_dir)
     trials = load_results(sweep_dir)
@@ -440,6 +363,6 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
 
 __all__ = [
-    "RESULTS_FILE", "load_results", "parse_results", "accuracy_rows", "time_rows", "accuracy_table", "time_table",
+    "accuracy_rows", "time_rows", "accuracy_table", "time_table",
     "cost_lines", "plot_accuracy", "plot_time", "report_markdown", "write_report",
 ]

@@ -28,7 +28,8 @@ def test_unknown_yaml_key_names_the_valid_ones(tmp_path, capsys):
     assert "num_domain" in _one_line_error(capsys)
 
 
-def test_missing_source_exits_2(tmp_path, capsys):
+@pytest.mark.ray
+def test_missing_source_exits_2(ray_local, tmp_path, capsys):
     assert run(["extract", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in _one_line_error(capsys)
 

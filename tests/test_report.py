@@ -10,15 +10,8 @@ import pytest
 
 from dp4tl_ray.cli import run
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.report import (
-    accuracy_rows,
-    accuracy_table,
-    load_results,
-    parse_results,
-    report_markdown,
-    time_rows,
-    write_report,
-)
+from dp4tl_ray.report import accuracy_rows, accuracy_table, report_markdown, time_rows, write_report
+from dp4tl_ray.results import load_results, parse_results
 
 GROUP = ("supervised", "resnet18", "resnet18", "task_0")
 

@@ -7,6 +7,8 @@ the downstream task are extracted with it (Ray Data), then every selection metho
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -123,6 +125,34 @@ def test_score_baselines_use_cached_scores(world, tmp_path):
     pq.write_table(pa.table({"id": ids, "el2n": el2n, "grand": -el2n}), tmp_path / "scores.parquet")
     ks = _select(world, "el2n", keep_fraction=10 / len(ids), scores=str(tmp_path / "scores.parquet"), name="el2n")
     assert ks.ids.tolist() == ids[:10].tolist()
+
+
+def test_a_selection_is_reused_until_one_of_its_inputs_changes(world, tmp_path):
+    """The same inputs again: the keep-set already at ``out`` comes back with its recorded costs, without
+    k-means and without writing; another ratio or another downstream store selects again."""
+    _, synth, source, down, _ = world
+    kmeans_dir = source.path / "kmeans"
+    out = tmp_path / "fm"
+    cfg = SelectConfig(method="fm", ratio=0.5, source_features=str(source.path), downstream_features=[str(down.path)],
+                       out=str(out))
+    first = select_keepset(cfg)
+    costs = first.meta.extra["costs"]
+    assert costs["reused"] is False and costs["kmeans_s"] > 0 and costs["select_s"] >= 0 and costs["scores_s"] == 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    shutil.rmtree(kmeans_dir)  # k-means would have to write it again
+    again = select_keepset(replace(cfg))
+    assert again.meta.extra["costs"] == {**costs, "reused": True} and again.ids.tolist() == first.ids.tolist()
+    assert not kmeans_dir.exists() and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+    other_ratio = select_keepset(replace(cfg, ratio=0.75))
+    assert other_ratio.meta.extra["costs"]["reused"] is False and kmeans_dir.is_dir() and len(other_ratio) < len(first)
+    other_store = extract_features(ExtractConfig(source=str(synth.task_dirs[0] / "train"), out=str(tmp_path / "top2"),
+                                                 arch="resnet18", checkpoint=down.manifest["surrogate"]["checkpoint"],
+                                                 image_size=32, resize_size=32, batch_size=64, topk=2,
+                                                 num_classes=len(source.manifest["classes"])), progress=False)
+    assert other_store.manifest["store_key"] != down.manifest["store_key"]
+    changed = select_keepset(replace(cfg, ratio=0.75, downstream_features=[str(other_store.path)]))
+    assert changed.meta.extra["costs"]["reused"] is False
 
 
 def test_selection_errors_are_one_line(world, tmp_path):

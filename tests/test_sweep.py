@@ -87,12 +87,42 @@ def test_gpu_smoke_config_puts_every_stage_on_the_gpu():
     assert kcfg.num_gpus_per_actor == 0.5 and kcfg.num_actors == 2 and kcfg.k == 40
 
 
+def test_surrogate_free_methods_are_selected_once_and_the_budget_method_first():
+    from dp4tl_ray.sweep import SweepConfig, methods_per_surrogate
+
+    sw = SweepConfig(methods=["dense", "random-image", "fm", "random-class", "moderate"], surrogates=["resnet18", "resnet50"])
+    assert methods_per_surrogate(sw) == {"resnet18": ["lm", "fm", "random-class", "random-image", "moderate"],
+                                         "resnet50": ["lm", "fm", "moderate"]}
+    assert methods_per_surrogate(SweepConfig(methods=["random-class"], surrogates=["resnet18", "resnet50"])) == \
+        {"resnet18": ["random-class"]}
+
+
+def test_a_trial_spec_is_plain_data_for_tune_and_back():
+    from dp4tl_ray.sweep import TrialSpec
+
+    spec = TrialSpec("lm", 0.5, "resnet18", "supervised", "task_0", 1, "resnet50", "/w/keepsets/x", 12.5, 3, 6, 24, 48)
+    param = spec.to_param()
+    assert param["key"] == "lm-0p5-resnet18-supervised-task_0-s1" and json.loads(json.dumps(param)) == param
+    assert TrialSpec.from_param(param) == spec
+
+
+def test_plan_sections_read_as_their_stage_configs_with_the_dataclass_defaults():
+    plan = load_plan(TINY)
+    assert plan.settings("pretrain", "moco_v2").arch == "resnet18" and plan.settings("pretrain", "moco_v2").mode == "moco_v2"
+    assert plan.settings("surrogate").arch == "resnet50" and plan.settings("pretrain").num_workers == 1
+    # per-trial fields named like the method's own arguments still land in the config
+    assert plan.stage("surrogate", name="surrogate-x", source="s", out="o").name == "surrogate-x"
+    assert plan.stage("evaluate", mode="ff", task_dir="t").mode == "ff"
+
+
 def test_concurrent_trials_fit_the_cluster():
-    cpu = {"num_workers": 1, "cpus_per_worker": 1}
+    from dp4tl_ray.train.trainer import PretrainConfig
+
+    cpu = PretrainConfig(source="-", out="-", num_workers=1, cpus_per_worker=1)
     assert concurrent_trials({"CPU": 2}, cpu, 10) == 1  # one worker CPU + one CPU for its data
     assert concurrent_trials({"CPU": 16, TRIAL_RESOURCE: 3}, cpu, 10) == 3  # capped by driver slots
-    assert concurrent_trials({"CPU": 16}, {"num_workers": 2, "cpus_per_worker": 3}, 10) == 2
-    gpu = {"num_workers": 4, "use_gpu": True}
+    assert concurrent_trials({"CPU": 16}, PretrainConfig(source="-", out="-", num_workers=2, cpus_per_worker=3), 10) == 2
+    gpu = PretrainConfig(source="-", out="-", num_workers=4, use_gpu=True)
     assert concurrent_trials({"CPU": 64, "GPU": 8, TRIAL_RESOURCE: 8}, gpu, 10) == 2
     # An autoscaling cluster with no GPU node up yet: as many as the head's driver slots, never more than trials.
     assert concurrent_trials({"CPU": 12, TRIAL_RESOURCE: 8}, gpu, 5) == 5

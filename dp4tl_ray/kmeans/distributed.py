@@ -133,8 +133,7 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     sums, counts and objective come back, added in actor order so the same seed and data give the same centroids.
     ``phase_seconds`` splits the wall time: ``load`` (actor start-up, shard reads, init keys; of which
     ``shard_read`` is the slowest actor's read), ``init``, ``iterations`` (of which ``iteration_compute``
-    is the slowest actor's Lloyd steps), ``final_assign`` and ``write``; ``ray.init`` (when this call
-    starts Ray) is not counted.
+    is the slowest actor's Lloyd steps), ``final_assign`` and ``write``.
     """
     import ray
 
@@ -153,9 +152,6 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     files = store.files
     if not files:
         raise UserError(f"FeatureStore {store.path} has no parquet files; re-run `dp4tl extract`")
-    if not ray.is_initialized():
-        ray.init()
-
     start = time.perf_counter()
     groups = file_groups(files, cfg.num_actors)
     _check_resources(len(groups), cfg)

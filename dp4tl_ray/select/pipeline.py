@@ -2,22 +2,30 @@
 
 LM and FM rank *units* (source classes / k-means clusters) by downstream votes and drop the lowest
 ``ratio`` of them; the baselines prune images to the same image budget.
+
+A selection caches itself, as extraction and k-means do: ``cfg.out`` already holding a keep-set
+selected from the same inputs (the config but ``out``, the stores' keys, the match keep-set's hash,
+the scores file's hash) is returned as it is. The keep-set records what it cost (``extra.costs``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dp4tl_ray import atomic
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import FeatureStore
 from dp4tl_ray.select.diagnostics import mapping_diagnostics
 from dp4tl_ray.select.feature_mapping import class_means_of_store, feature_mapping_image_units, feature_mapping_votes
-from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta, keep_ids_for_units
+from dp4tl_ray.select.keepset import META_FILE, KeepSet, KeepSetMeta, keep_ids_for_units
 from dp4tl_ray.select.label_mapping import label_mapping_image_units, label_mapping_votes
 from dp4tl_ray.select.voting import (
     combine_task_votes,
@@ -95,8 +103,10 @@ def kmeans_config(cfg: SelectConfig, source: FeatureStore):
                         num_gpus_per_actor=cfg.kmeans_gpus_per_actor)
 
 
-def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str], dict[str, Any]]:
-    """Per source row: ``ids, unit``; the unit centres (FM) and names; extra provenance."""
+def _units(cfg: SelectConfig, source: FeatureStore,
+           spent: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str], dict[str, Any]]:
+    """Per source row: ``ids, unit``; the unit centres (FM) and names; extra provenance.
+    FM adds to ``spent`` its k-means wall seconds here and the k-means run's own recorded seconds."""
     classes = source.manifest["classes"]
     ids, labels = _source_ids_labels(source)
     if cfg.method == "lm":
@@ -106,7 +116,9 @@ def _units(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, np.ndar
     from dp4tl_ray.kmeans import kmeans_distributed, load_assignments
 
     kcfg = kmeans_config(cfg, source)
+    t0 = time.perf_counter()
     result = kmeans_distributed(source.path, kcfg)
+    spent.update(kmeans_wall_s=time.perf_counter() - t0, kmeans_s=result.seconds)
     assign = load_assignments(result.out_dir)
     a_ids, clusters = assign.column("id").to_numpy(), assign.column("cluster").to_numpy()
     if not np.array_equal(a_ids, ids):
@@ -146,27 +158,42 @@ def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: 
     return out
 
 
-def _image_scores(cfg: SelectConfig, source: FeatureStore):
-    """``id, el2n, grand`` per source row: read from ``cfg.scores`` (a scores.parquet or its directory),
-    else computed once and cached next to the source features."""
+def _scores_file(cfg: SelectConfig, source: FeatureStore) -> Path:
+    """Where EL2N/GraNd scores are read: ``cfg.scores`` (a scores.parquet or its directory), else the
+    cache next to the source features."""
+    from dp4tl_ray.select.scores import SCORES_FILE
+
+    path = Path(cfg.scores) if cfg.scores else _scores_cache(cfg, source)
+    return path / SCORES_FILE if path.suffix != ".parquet" else path
+
+
+def _scores_cache(cfg: SelectConfig, source: FeatureStore) -> Path:
+    return source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
+
+
+def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]):
+    """``id, el2n, grand`` per source row: read from :func:`_scores_file`, else computed once and cached
+    there; the seconds this took go to ``spent``."""
     from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.models import ModelSpec
-    from dp4tl_ray.select.scores import SCORES_FILE, compute_scores, read_scores
+    from dp4tl_ray.select.scores import compute_scores, read_scores
 
-    cache = source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
-    path = Path(cfg.scores) if cfg.scores else cache
-    file = path / SCORES_FILE if path.suffix != ".parquet" else path
+    t0 = time.perf_counter()
+    file = _scores_file(cfg, source)
     if file.is_file():
-        return read_scores(file)
-    if cfg.scores:
+        table = read_scores(file)
+    elif cfg.scores:
         raise UserError(f"scores file {file} not found; drop --scores to compute them")
-    m = source.manifest
-    spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
-    return compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,
-                          seeds=tuple(cfg.score_seeds), out=cache)
+    else:
+        m = source.manifest
+        spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
+        table = compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,
+                               seeds=tuple(cfg.score_seeds), out=_scores_cache(cfg, source))
+    spent["scores_s"] = time.perf_counter() - t0
+    return table
 
 
-def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, KeepSetMeta]:
+def _baseline_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]) -> tuple[np.ndarray, KeepSetMeta]:
     """Kept ids and metadata of a baseline: whole random classes, or images to an image budget."""
     from dp4tl_ray.select import baselines
 
@@ -185,7 +212,7 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.nda
             f_ids, f_labels, feats, _ = source.arrays()
             kept = baselines.moderate(feats, f_labels, f_ids, budget)
         else:
-            table = _image_scores(cfg, source)
+            table = _image_scores(cfg, source, spent)
             kept = baselines.top_scores(table.column(cfg.method).to_numpy(), table.column("id").to_numpy(), budget)
         extra = {"budget": budget, "matched": cfg.match}
     classes_kept = int((np.bincount(labels[np.isin(ids, kept)], minlength=num_classes) > 0).sum())
@@ -200,7 +227,7 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.nda
     return kept, meta
 
 
-def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray, KeepSetMeta]:
+def _unit_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]) -> tuple[np.ndarray, KeepSetMeta]:
     """LM / FM: downstream votes rank the units; the lowest ``ratio`` of them are dropped."""
     tasks: dict[str, FeatureStore] = {}
     for path in cfg.downstream_features:
@@ -209,7 +236,7 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray
         if store.num_rows == 0:
             raise UserError(f"downstream set {path} has no images; extract its train/ folder first")
         tasks[_task_name(store) if _task_name(store) not in tasks else str(path)] = store
-    ids, unit_of_row, centres, names, extra = _units(cfg, source)
+    ids, unit_of_row, centres, names, extra = _units(cfg, source, spent)
     num_units = len(names)
     votes = _votes(tasks, num_units, centres, cfg.vote_topk)
     runner_up = _votes(tasks, num_units, centres, cfg.runner_up_topk) if cfg.runner_up_topk > cfg.vote_topk else None
@@ -227,14 +254,63 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore) -> tuple[np.ndarray
     return keep_ids_for_units(unit_of_row, ids, kept), meta
 
 
+def selection_key(cfg: SelectConfig, source: FeatureStore) -> str:
+    """Hash of everything a selection's result depends on: the config but ``out``, the source and
+    downstream stores' ``store_key``s, the match keep-set's sha256 and the given scores file's sha256."""
+    scores = _scores_file(cfg, source) if cfg.scores else None
+    doc = {"config": {k: v for k, v in asdict(cfg).items() if k != "out"},
+           "source": source.manifest.get("store_key"),
+           "downstream": [FeatureStore.open(p).manifest.get("store_key") for p in cfg.downstream_features],
+           "match": KeepSet.load(cfg.match).meta.sha256 if cfg.match else None,
+           "scores": atomic.sha256_file(scores) if scores and scores.is_file() else None}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable(out: Path, key: str) -> KeepSet | None:
+    """The keep-set at ``out`` when it was selected from the inputs hashed in ``key``, its costs marked reused."""
+    if not (out / META_FILE).is_file():
+        return None
+    try:
+        keepset = KeepSet.load(out)
+    except UserError as e:
+        log.warning("keep-set %s is unusable (%s): selecting again", out, e)
+        return None
+    if keepset.meta.extra.get("select_key") != key:
+        return None
+    log.info("keep-set %s was selected from the same inputs: reusing it", out)
+    keepset.meta.extra["costs"] = {**keepset.meta.extra.get("costs", {}), "reused": True}
+    return keepset
+
+
 def select_keepset(cfg: SelectConfig) -> KeepSet:
-    """Run one selection and write its KeepSet to ``cfg.out`` (atomically)."""
+    """Run one selection and write its KeepSet to ``cfg.out`` (atomically), or return the one there
+    when it was selected from the same inputs.
+
+    ``meta.extra["costs"]`` records the selection's seconds: ``kmeans_s`` (the k-means run's own, also
+    when k-means reused its result), ``scores_s`` (computing or reading EL2N/GraNd scores) and ``select_s``
+    (the rest); ``reused`` is true when this call returned an earlier selection with its original costs.
+    """
     cfg.validate()
     source = FeatureStore.open(cfg.source_features)
+    key = selection_key(cfg, source)
+    reused = _reusable(Path(cfg.out), key)
+    if reused is not None:
+        return reused
+    t0 = time.perf_counter()
+    spent: dict[str, float] = {}
     select = _unit_selection if cfg.method in UNIT_METHODS else _baseline_selection
-    keepset = KeepSet(*select(cfg, source))
+    ids, meta = select(cfg, source, spent)
+    own_s = time.perf_counter() - t0 - spent.get("kmeans_wall_s", 0.0) - spent.get("scores_s", 0.0)
+    costs = {"select_s": own_s, "kmeans_s": spent.get("kmeans_s", 0.0), "scores_s": spent.get("scores_s", 0.0)}
+    meta.extra.update(select_key=key, costs={**{k: round(v, 3) for k, v in costs.items()}, "reused": False})
+    keepset = KeepSet(ids, meta)
     keepset.write(cfg.out)
     return keepset
+
+
+def uses_ray(cfg: SelectConfig) -> bool:
+    """Whether the selection may start Ray work: FM's k-means, EL2N/GraNd scores computed here."""
+    return cfg.method == "fm" or (cfg.method in ("el2n", "grand") and not cfg.scores)
 
 
 def format_keepset_summary(ks: KeepSet, path: str | Path) -> str:

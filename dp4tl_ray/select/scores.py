@@ -193,16 +193,12 @@ def compute_scores(
     an actor pool, and with ``out`` writes ``out/scores.parquet`` atomically, its provenance in the
     schema metadata. Unreadable images are absent from the table.
     """
-    import ray
-
     source = open_source(source_path)
     if spec.num_classes < len(source.classes):
         raise UserError(f"model has {spec.num_classes} classes but the source has {len(source.classes)}; raise num_classes")
     if not seeds:
         raise UserError("give at least one seed: scores are averaged over one model per seed")
     _checked_grand_params(grand_params)
-    if not ray.is_initialized():
-        ray.init()
     ds = source.decoded(decode_spec, rows_per_block)
     states = [train_briefly(ds, spec, epochs, s, batch_size, lr).net.state_dict() for s in seeds]
     table = score_dataset(ds, spec, states, batch_size, num_actors, grand_params)

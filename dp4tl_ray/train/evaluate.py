@@ -380,7 +380,6 @@ def _eval_loop(config: dict[str, Any]) -> dict[str, Any]:
 def eval_trainer(cfg: EvalConfig, callbacks: list | None = None):
     """The validated ``TorchTrainer`` of ``cfg``; ``fit().return_value`` is the results dict. Every epoch's
     metrics reach ``callbacks`` (``ray.train.UserCallback``, or Tune's report callback in a sweep)."""
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -392,8 +391,6 @@ def eval_trainer(cfg: EvalConfig, callbacks: list | None = None):
     config = {"cfg": {**asdict(cfg), **paths}, "checkpoint_sha256": sha, "out": str(cfg.out_path().resolve())}
     # A stable name (no timestamp): the same evaluation lands in the same run directory.
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    if not ray.is_initialized():
-        ray.init()
     return TorchTrainer(
         _eval_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.train.checkpoints import MODEL_FILE, TrainState, check_resume, latest_checkpoint
 from dp4tl_ray.train.pretrain_config import MODES, PretrainConfig
@@ -137,19 +138,16 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
 
     A run whose checkpoint already holds all ``cfg.epochs`` is returned as is, without starting
     Ray Train. ``callbacks`` reach Ray Train's ``RunConfig`` (e.g. Tune's report callback in a sweep)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dp4tl_ray.train.loops import RunFacts, loop_config, train_loop_per_worker
 
     cfg.validate()
-    if not ray.is_initialized():
-        ray.init()
     _check_cluster_fits(cfg)
     decoded, source, kept_classes, images = training_dataset(cfg)
-    storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
-    if cfg.num_workers == 0 and "://" in storage:
+    storage = cfg.out if is_uri(cfg.out) else str(Path(cfg.out).resolve())
+    if cfg.num_workers == 0 and is_uri(storage):
         raise UserError("local mode (num_workers=0) keeps checkpoints on this machine; give a local --out")
     run_dir = str(Path(storage) / cfg.name) if "://" not in storage else f"{storage}/{cfg.name}"
     if "://" not in storage:  # refuse early (not inside a worker, not retried) a resume under other settings

@@ -1,0 +1,111 @@
+"""The results record of a sweep: one JSON line per trial in ``<sweep dir>/results.jsonl``.
+
+The one home of what a record holds (its keys, the reference methods that have no keep-set) and of
+writing and reading the file, locally (atomic rename) or through any URI ``pyarrow.fs`` knows.
+The sweep writes it; the report and the benchmarks read it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dp4tl_ray import atomic
+from dp4tl_ray.atomic import is_uri
+from dp4tl_ray.errors import UserError
+
+DENSE = "dense"
+RANDOM_INIT = "random-init"  # no pretraining: the downstream evaluation of a seeded untrained backbone (the floor)
+REFERENCES = (DENSE, RANDOM_INIT)  # methods without a keep-set or a ratio
+RESULTS_FILE = "results.jsonl"
+RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "mode", "arch", "task", "seed",
+               "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max", "kept_units", "total_units", "kept_images",
+               "total_images", "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker",
+               "use_gpu", "epoch", "loss")
+
+
+def write_results(sweep_dir: str, records: list[dict[str, Any]]) -> str:
+    """``results.jsonl`` in the sweep directory (local: atomic rename; URI: one pyarrow write)."""
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    target = f"{sweep_dir}/{RESULTS_FILE}"
+    if is_uri(sweep_dir):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(target)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+    else:
+        atomic.write_bytes(Path(target), text.encode())
+    return target
+
+
+def _read_text(sweep_dir: str) -> str:
+    """The results file's text, from a local folder or any URI pyarrow.fs knows (s3://, gs://, file://)."""
+    if is_uri(sweep_dir):
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(sweep_dir)
+            with fs.open_input_stream(f"{root.rstrip('/')}/{RESULTS_FILE}") as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            raise UserError(f"no {RESULTS_FILE} under {sweep_dir}: run the sweep first (dp4tl sweep)") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {sweep_dir}/{RESULTS_FILE}: {str(e).splitlines()[0]}") from None
+    path = Path(sweep_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise UserError(f"no {RESULTS_FILE} in {sweep_dir}: run the sweep first (dp4tl sweep)")
+    return path.read_text()
+
+
+def normalize_trial(obj: dict[str, Any]) -> dict[str, Any]:
+    """A trial with every record key (missing optional keys -> None); bad ones become error trials."""
+    t = {k: obj.get(k) for k in RECORD_KEYS}
+    if t["method"] in REFERENCES and t["ratio"] is None:
+        t["ratio"] = 0.0
+    if t["status"] == "ok":
+        missing = [k for k in ("method", "ratio") if t[k] is None]
+        if missing:
+            t.update(status="error", error=f"result lacks {', '.join(missing)}")
+    elif t["status"] != "error":
+        t.update(status="error", error=t["error"] or f"unknown status {t['status']!r}")
+    if t["ratio"] is not None:
+        try:
+            t["ratio"] = round(float(t["ratio"]), 6)
+        except (TypeError, ValueError):
+            t.update(status="error", error=f"ratio {t['ratio']!r} is not a number", ratio=None)
+    if t["error"] is not None:
+        t["error"] = (str(t["error"]).strip().splitlines() or [""])[0]  # one line each in the report
+    return t
+
+
+def parse_results(text: str) -> list[dict[str, Any]]:
+    """Trials from JSON lines. A trial id seen twice (a resumed sweep) keeps its last line;
+    an unreadable line (e.g. cut short by a kill) becomes an error trial so it is counted, not lost."""
+    by_id: dict[Any, dict[str, Any]] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            obj = {"trial_id": f"line {i}", "status": "error", "error": "unreadable line (not a JSON object)"}
+        t = normalize_trial(obj)
+        by_id[t["trial_id"] if t["trial_id"] is not None else f"line {i}"] = t
+    return list(by_id.values())
+
+
+def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every trial of a sweep (``status`` "ok" or "error"); tables use the ok ones and count the rest."""
+    sweep_dir = str(sweep_dir)
+    trials = parse_results(_read_text(sweep_dir))
+    if not trials:
+        raise UserError(f"{sweep_dir}/{RESULTS_FILE} holds no trials yet: run the sweep first (dp4tl sweep)")
+    return trials
+
+
+__all__ = ["DENSE", "RANDOM_INIT", "RECORD_KEYS", "REFERENCES", "RESULTS_FILE", "load_results", "normalize_trial",
+           "parse_results", "write_results"]
