@@ -268,6 +268,50 @@ def test_intact_train_state_reads_back(tmp_path):
     assert state.epoch == 2 and state.history == [{"loss": 1.0}] and torch.equal(state.model["w"], torch.zeros(3))
 
 
+# --- sweep plans and results -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_sweep_plan_is_one_line(tmp_path, kind):
+    from dp4tl_ray.sweep import load_plan
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text((Path(__file__).parents[1] / "jobs" / "configs" / "demo.yaml").read_text())
+    damage(path, kind, lambda p: p.write_text("sweep: [lm, fm]\npretrain:\n  epochs: 1\n"))
+    assert_refused(lambda: load_plan(path), path, "jobs/configs", tmp_path)
+
+
+def write_results_file(sweep: Path) -> Path:
+    from dp4tl_ray.results import write_results
+
+    records = [{"trial_id": f"t{i}", "status": "ok", "error": None, "method": "lm", "ratio": 0.5, "lp_acc": 0.1 * i}
+               for i in range(4)]
+    return Path(write_results(str(sweep), records))
+
+
+@pytest.mark.parametrize("kind", ["garbled", "wrong_schema"])
+def test_damaged_results_are_one_line(tmp_path, kind):
+    from dp4tl_ray.results import load_results
+
+    path = write_results_file(tmp_path / "sweep")
+    damage(path, kind, lambda p: p.write_text('{"ratio": 0.5}\n[1, 2]\nsweep: x\n'))  # JSON, but no trial record
+    assert_refused(lambda: load_results(tmp_path / "sweep"), path, "re-run the same `dp4tl sweep`", tmp_path)
+
+
+def test_truncated_or_empty_results_keep_every_readable_trial(tmp_path):
+    """A cut results.jsonl is still a report: whole lines are trials, the cut one is a counted error trial;
+    an empty one says to run the sweep (the file is never rewritten by a read)."""
+    from dp4tl_ray.results import load_results
+
+    path = write_results_file(tmp_path / "sweep")
+    damage(path, "truncated", write_other_parquet)
+    trials = load_results(tmp_path / "sweep")
+    assert [t["status"] for t in trials] == ["ok", "ok", "error"]
+    assert trials[-1]["error"] == "unreadable line (not a JSON object)"
+    damage(path, "empty", write_other_parquet)
+    assert_refused(lambda: load_results(tmp_path / "sweep"), tmp_path / "sweep", "run the sweep first", tmp_path)
+
+
 # --- the two cases of the issue, through the CLI ----------------------------------------------------
 
 
