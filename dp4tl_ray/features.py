@@ -1,7 +1,8 @@
 """Surrogate feature extraction with Ray Data, and the FeatureStore it writes.
 
 Pipeline: index/shards -> CPU decode tasks (:mod:`dp4tl_ray.data.decode`) -> an actor pool of
-:class:`SurrogateEmbedder` (one actor per GPU, or CPU actors) -> parquet shards. Per row the store
+:class:`SurrogateEmbedder` (one actor per GPU, or CPU actors) -> parquet parts committed as they
+finish (:mod:`dp4tl_ray.parts`), so a killed run resumes where it stopped. Per row the store
 holds ``id, label, feature`` (L2-normalised penultimate feature), ``topk_idx, topk_logit``.
 The store is content-addressed: its ``store_key`` hashes everything the rows depend on, so a
 second run on unchanged inputs reuses it and a changed input rebuilds it.
@@ -26,7 +27,9 @@ from dp4tl_ray.data.decode import DecodeSpec, new_skip_ledger
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
+from dp4tl_ray.parts import PartStaging, commit_part, discard_staging, part_rows
 from dp4tl_ray.pool import InferencePool
+from dp4tl_ray.select.keepset import filter_by_ids
 
 if TYPE_CHECKING:
     from dp4tl_ray.models import ModelSpec
@@ -136,15 +139,23 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
         existing = FeatureStore.open(out)
         if existing.manifest.get("store_key") == store_key:
             log.info("FeatureStore %s is up to date (key %s): reusing it", out, store_key[:12])
+            discard_staging(out)  # left over if a run was killed between its rename and its clean-up
             return existing
         log.info("FeatureStore %s is stale (inputs changed): rebuilding", out)
+    staging = PartStaging.for_store(out, store_key)
+    done = staging.committed_ids()
+    if done.size:
+        log.info("Resuming %s: %d of %d rows were extracted before (%s)", out, done.size, n_rows, staging.path)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     pool = InferencePool.plan(cfg.num_actors)
 
     ledger = new_skip_ledger()
-    ds = source.decoded(decode, cfg.rows_per_block, ledger)
+    rows = source.rows(cfg.rows_per_block)
+    if done.size:
+        rows = filter_by_ids(rows, done, keep=False)
+    ds = source.decode(rows, decode, cfg.rows_per_block, ledger)
     ds = ds.map_batches(
         SurrogateEmbedder,
         fn_constructor_kwargs={"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
@@ -153,26 +164,32 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
         **pool.map_batches_kwargs(),
         batch_format="numpy",
     )
-    t0 = time.perf_counter()
-    with atomic.directory(out) as tmp:
-        ds.write_parquet(str(tmp), min_rows_per_file=max(cfg.batch_size, 10_000 if n_rows > 100_000 else 1))
-        seconds = time.perf_counter() - t0
-        skipped = ray.get(ledger.rows.remote())
-        files = sorted(p for p in tmp.glob("*.parquet"))
-        written = sum(pq.read_metadata(f).num_rows for f in files)
-        if written + len(skipped) != n_rows:
-            raise RuntimeError(f"extraction lost rows: {written} written + {len(skipped)} skipped != {n_rows} inputs")
-        if not files:
-            raise UserError(f"no readable image in {cfg.source}: all {n_rows} files were skipped (see e.g. {skipped[:1]})")
-        manifest = {
-            "store_key": store_key, "format": STORE_FORMAT, "source": str(cfg.source), "source_format": source.format,
-            "source_fingerprint": fingerprint, "surrogate": surrogate, "decode": asdict(decode),
-            "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes), "num_rows": written,
-            "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
-            "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic.write_json(tmp / MANIFEST, manifest)
+    commits = ds.map_batches(commit_part, fn_kwargs={"staging": str(staging.path)},
+                             batch_size=part_rows(n_rows, cfg.batch_size), batch_format="pyarrow")
+    if done.size < n_rows:  # else a kill came after every part was committed: only the assembly is left
+        run, new_rows, t0 = staging.new_run(), 0, time.perf_counter()
+        for commit in commits.iter_rows():
+            new_rows += int(commit["rows"])
+            staging.record_run(run, time.perf_counter() - t0, new_rows)
+        staging.record_run(run, time.perf_counter() - t0, new_rows)
+    skipped = ray.get(ledger.rows.remote())
+    files, written = staging.parts(), staging.committed_ids().size  # refused if a row was committed twice
+    if written + len(skipped) != n_rows:
+        raise RuntimeError(f"extraction lost rows: {written} written + {len(skipped)} skipped != {n_rows} inputs")
+    if not files:
+        discard_staging(out)
+        raise UserError(f"no readable image in {cfg.source}: all {n_rows} files were skipped (see e.g. {skipped[:1]})")
+    runs = staging.runs()
+    seconds = sum(r["seconds"] for r in runs)  # the work behind the committed parts, summed over runs
+    manifest = {
+        "store_key": store_key, "format": STORE_FORMAT, "source": str(cfg.source), "source_format": source.format,
+        "source_fingerprint": fingerprint, "surrogate": surrogate, "decode": asdict(decode),
+        "dim": pq.read_schema(files[0]).field("feature").type.list_size, "topk": min(cfg.topk, spec.num_classes), "num_rows": written,
+        "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
+        "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
+        "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    staging.assemble(out, manifest)
     ray.kill(ledger)
     return FeatureStore(out, manifest)
 

@@ -1,23 +1,13 @@
-"""Baselines: matched image budgets, random / Moderate-DS / top-score selection, EL2N and GraNd scores."""
+"""Baselines: matched image budgets, random / Moderate-DS / top-score selection (the scores: test_scores.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from dp4tl_ray.data.decode import DecodeSpec
-from dp4tl_ray.data.imagefolder import scan_image_folder
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.models import ModelSpec, build_model
 from dp4tl_ray.select.baselines import image_budget, moderate, random_by_class, random_by_image, top_scores
 from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta
-from dp4tl_ray.select.scores import SCORES_FILE, ScoreEmbedder, compute_scores, sample_scores
-
-SPEC = ModelSpec("resnet18", num_classes=3, small_input=True)
 
 
 def _keepset(ids: np.ndarray) -> KeepSet:
@@ -101,91 +91,3 @@ def test_top_scores_keeps_the_highest_scores_ties_by_smaller_id():
     assert top_scores(scores, ids, 3).tolist() == [2, 3, 4]
     with pytest.raises(UserError, match="finite"):
         top_scores(np.array([np.nan, 1.0]), np.array([0, 1]), 1)
-
-
-def _models_with_bn_statistics(x: torch.Tensor, seeds=(0, 1)) -> list:
-    """Seeded models whose BatchNorm running statistics come from ``x`` (not the init values)."""
-    models = []
-    for seed in seeds:
-        model = build_model(SPEC, seed).train()
-        with torch.no_grad():
-            model(x)
-        models.append(model.eval())
-    return models
-
-
-def _naive_grad_norm(model, x: torch.Tensor, y: torch.Tensor, params) -> float:
-    model.zero_grad()
-    F.cross_entropy(model(x[None]), y[None]).backward()
-    return float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params)))
-
-
-def test_grand_by_torch_func_equals_naive_per_sample_backward_averaged_over_seeds():
-    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    y = torch.tensor([0, 2])
-    models = _models_with_bn_statistics(x)
-    batch = {"id": np.array([4, 9]), "label": y.numpy().astype(np.int32),
-             "image": (x[:2] * 255).round().byte().permute(0, 2, 3, 1).numpy()}
-    out = ScoreEmbedder(SPEC, [m.net.state_dict() for m in models], grand_params="all")(batch)
-    xs = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() / 255
-    naive = [[_naive_grad_norm(m, xs[i], y[i], list(m.parameters())) for i in range(2)] for m in models]
-    with torch.no_grad():
-        el2n = [(m(xs).softmax(1) - F.one_hot(y, 3)).norm(dim=1).numpy() for m in models]
-    assert out["id"].tolist() == [4, 9]
-    np.testing.assert_allclose(out["grand"], np.mean(naive, axis=0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out["el2n"], np.mean(el2n, axis=0), rtol=1e-5, atol=1e-6)
-
-
-def test_grand_last_is_the_closed_form_classifier_gradient_norm():
-    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2, 2, 1, 0])
-    (model,) = _models_with_bn_statistics(x, seeds=(0,))
-    el2n, grand = sample_scores(model, x, y, grand_params="last")
-    fc = [model.net.fc.weight, model.net.fc.bias]
-    naive = [_naive_grad_norm(model, x[i], y[i], fc) for i in range(6)]
-    np.testing.assert_allclose(grand.numpy(), naive, rtol=1e-4, atol=1e-5)
-    assert (grand > el2n).all()
-
-
-def _colour_folder(root, per_class: int = 30, mislabeled: int = 3) -> list[str]:
-    """Three classes of noisy red / green / blue 8 px images; ``mislabeled`` images per class sit in
-    the next class's folder, and one file is unreadable. Returns the misplaced files' paths."""
-    rng = np.random.default_rng(0)
-    wrong = []
-    for c in range(3):
-        for i in range(per_class):
-            pixels = np.clip(np.eye(3)[c] * 0.6 + 0.2 + rng.normal(0, 0.15, (8, 8, 3)), 0, 1)
-            folder = f"class{(c + 1) % 3 if i < mislabeled else c}"
-            path = root / folder / f"c{c}_{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
-            if i < mislabeled:
-                wrong.append(f"{folder}/{path.name}")
-    (root / "class0" / "broken.png").write_bytes(b"not an image")
-    return wrong
-
-
-@pytest.mark.ray
-def test_mislabeled_images_score_higher_and_unreadable_ones_are_absent(ray_local, tmp_path):
-    wrong = _colour_folder(tmp_path / "train")
-    table = compute_scores(tmp_path / "train", SPEC, DecodeSpec(8, 8), epochs=1, seeds=(0, 1), batch_size=16,
-                           out=tmp_path / "scores", grand_params="last", lr=0.005, rows_per_block=32)
-    index = scan_image_folder(tmp_path / "train")
-    ids = table.column("id").to_numpy()
-    assert ids.tolist() == [i for i, p in enumerate(index.paths) if p != "class0/broken.png"]
-    assert pq.read_table(tmp_path / "scores" / SCORES_FILE).equals(table)
-    is_wrong = np.isin(ids, [index.paths.index(p) for p in wrong])
-    for column in ("el2n", "grand"):
-        score = table.column(column).to_numpy()
-        assert np.isfinite(score).all()
-        assert score[is_wrong].mean() > score[~is_wrong].mean(), column
-
-
-def test_bad_score_settings_are_one_line_errors(tmp_path):
-    _colour_folder(tmp_path / "train", per_class=1, mislabeled=0)
-    with pytest.raises(UserError, match="raise num_classes"):
-        compute_scores(tmp_path / "train", ModelSpec("resnet18", 2, True), DecodeSpec(8, 8))
-    with pytest.raises(UserError, match="grand_params"):
-        compute_scores(tmp_path / "train", SPEC, DecodeSpec(8, 8), grand_params="first")
-    with pytest.raises(UserError, match="at least one seed"):
-        compute_scores(tmp_path / "train", SPEC, DecodeSpec(8, 8), seeds=())

@@ -26,9 +26,9 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
 from dp4tl_ray.kmeans.distributed import _reusable, _write_result, load_assignments, load_centroids
 from dp4tl_ray.models import load_checkpoint
+from dp4tl_ray.parts import PartStaging
 from dp4tl_ray.select.keepset import IDS_FILE, META_FILE, KeepSet, KeepSetMeta
-from dp4tl_ray.select.scores import SCHEMA as SCORES_SCHEMA
-from dp4tl_ray.select.scores import read_scores
+from dp4tl_ray.select.scores import load_scores
 from dp4tl_ray.train.checkpoints import TrainState
 
 DAMAGES = ("truncated", "garbled", "empty", "wrong_schema")
@@ -168,6 +168,21 @@ def test_featurestore_shards_must_match_the_manifest(tmp_path, change, problem):
     assert re.search(problem, str(e.value))
 
 
+@pytest.mark.parametrize("kind", DAMAGES)
+@pytest.mark.parametrize("name,read,wrong", [
+    ("part-a.parquet", PartStaging.committed_ids, write_other_parquet),
+    ("run-1.json", PartStaging.runs, lambda p: p.write_text(json.dumps({"seconds": 1.0}))),
+])
+def test_damaged_extraction_part_is_one_line(tmp_path, kind, name, read, wrong):
+    """A resumed extraction reads its committed parts and run records: a damaged one is named, kept."""
+    staging = PartStaging.for_store(tmp_path / "store", "k" * 64)
+    staging.path.mkdir()
+    pq.write_table(pq.read_table(write_store(tmp_path / "rows") / "part-0.parquet"), staging.path / "part-a.parquet")
+    staging.record_run("1", 2.0, 6)
+    damage(staging.path / name, kind, wrong)
+    assert_refused(lambda: read(staging), staging.path / name, f"delete {staging.path / name}", tmp_path)
+
+
 # --- keep-sets ------------------------------------------------------------------------------------
 
 
@@ -235,9 +250,10 @@ def test_intact_kmeans_result_reads_back(kmeans_dir):
 @pytest.mark.parametrize("kind", DAMAGES)
 def test_damaged_scores_are_one_line(tmp_path, kind):
     path = tmp_path / "scores.parquet"
-    pq.write_table(pa.table({"id": [0, 1], "el2n": [0.1, 0.2], "grand": [1.0, 2.0]}, schema=SCORES_SCHEMA), path)
-    damage(path, kind, lambda p: pq.write_table(pa.table({"id": [0, 1], "el2n": [0.1, 0.2]}), p))
-    assert_refused(lambda: read_scores(path), path, "--scores", tmp_path)
+    pq.write_table(pa.table({"id": pa.array([0, 1], pa.int64()), "el2n": pa.array([0.1, 0.2], pa.float32())}), path)
+    assert load_scores(path, "el2n").table.column("el2n").to_pylist() == pytest.approx([0.1, 0.2])
+    damage(path, kind, lambda p: pq.write_table(pa.table({"id": [0, 1], "grand": [1.0, 2.0]}), p))
+    assert_refused(lambda: load_scores(path, "el2n"), path, "pass another", tmp_path)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_score_baselines_use_cached_scores(world, tmp_path):
     pq.write_table(pa.table({"id": ids, "el2n": el2n, "grand": -el2n}), tmp_path / "scores.parquet")
     ks = _select(world, "el2n", keep_fraction=10 / len(ids), scores=str(tmp_path / "scores.parquet"), name="el2n")
     assert ks.ids.tolist() == ids[:10].tolist()
+    assert ks.meta.extra["scores"]["path"] == str(tmp_path / "scores.parquet")  # the keep-set names its scores
 
 
 def test_a_selection_is_reused_until_one_of_its_inputs_changes(world, tmp_path):

@@ -137,19 +137,26 @@ class KeepSet:
         return cls(ids=ids, meta=meta)
 
     def filter(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
-        """The rows of ``dataset`` (which has an ``id`` column) whose id is kept, lazily and in parallel.
+        """The rows of ``dataset`` (which has an ``id`` column) whose id is kept (:func:`filter_by_ids`)."""
+        return filter_by_ids(dataset, self.ids)
 
-        The sorted ids go once into the object store and each batch is matched against them with a
-        binary search, so the source is never gathered on the driver.
-        """
-        import ray
 
-        columns = dataset.columns(fetch_if_missing=False)
-        if columns is not None and "id" not in columns:
-            raise UserError(f"dataset to filter has no `id` column (columns: {columns})")
-        return dataset.map_batches(
-            _kept_rows, fn_kwargs={"ids_ref": ray.put(self.ids)}, batch_format="pyarrow", batch_size=None
-        )
+def filter_by_ids(dataset: ray.data.Dataset, sorted_ids: np.ndarray, keep: bool = True) -> ray.data.Dataset:
+    """The rows of ``dataset`` whose ``id`` is in ``sorted_ids`` (``keep=False``: whose id is not), lazily
+    and in parallel.
+
+    The sorted ids go once into the object store and each batch is matched against them with a
+    binary search, so the source is never gathered on the driver.
+    """
+    import ray
+
+    columns = dataset.columns(fetch_if_missing=False)
+    if columns is not None and "id" not in columns:
+        raise UserError(f"dataset to filter has no `id` column (columns: {columns})")
+    ids = _checked_ids(np.asarray(sorted_ids), "ids to filter by")
+    return dataset.map_batches(
+        _rows_by_id, fn_kwargs={"ids_ref": ray.put(ids), "keep": keep}, batch_format="pyarrow", batch_size=None
+    )
 
 
 def keep_ids_for_units(unit_of_row: np.ndarray, row_ids: np.ndarray, kept_units: np.ndarray) -> np.ndarray:
@@ -171,12 +178,12 @@ def isin_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     return sorted_ids[pos] == values
 
 
-def _kept_rows(batch: pa.Table, ids_ref: Any) -> pa.Table:
+def _rows_by_id(batch: pa.Table, ids_ref: Any, keep: bool) -> pa.Table:
     import ray
 
     # Ray Data passes fn_kwargs through as they are (an ObjectRef is not resolved): fetch it here.
-    ids = ray.get(ids_ref)
-    return batch.filter(pa.array(isin_sorted(batch.column("id").to_numpy(), ids)))
+    listed = isin_sorted(batch.column("id").to_numpy(), ray.get(ids_ref))
+    return batch.filter(pa.array(listed if keep else ~listed))
 
 
 def _checked_ids(ids: np.ndarray, what: str, fix: str = "") -> np.ndarray:

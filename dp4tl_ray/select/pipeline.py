@@ -62,8 +62,10 @@ class SelectConfig:
     match: str | None = None
     keep_fraction: float | None = None
     scores: str | None = None  # EL2N/GraNd: scores.parquet from an earlier run; default: computed and cached
-    score_epochs: int = 2  # short training run per seed for EL2N/GraNd
-    score_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    score_epochs: int = 2  # EL2N: supervised epochs per seed (GraNd is scored at initialisation)
+    score_seeds: list[int] | None = None  # one model per seed, averaged; default scores.DEFAULT_SEEDS
+    score_workers: int = 1  # EL2N: Ray Train workers of each seed's run
+    score_use_gpu: bool = False  # EL2N: train on GPUs
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -158,39 +160,33 @@ def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: 
     return out
 
 
-def _scores_file(cfg: SelectConfig, source: FeatureStore) -> Path:
-    """Where EL2N/GraNd scores are read: ``cfg.scores`` (a scores.parquet or its directory), else the
-    cache next to the source features."""
+def _given_scores_file(cfg: SelectConfig) -> Path:
+    """The scores.parquet ``cfg.scores`` names (the file or its directory)."""
     from dp4tl_ray.select.scores import SCORES_FILE
 
-    path = Path(cfg.scores) if cfg.scores else _scores_cache(cfg, source)
+    path = Path(cfg.scores)
     return path / SCORES_FILE if path.suffix != ".parquet" else path
 
 
-def _scores_cache(cfg: SelectConfig, source: FeatureStore) -> Path:
-    return source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
-
-
 def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]):
-    """``id, el2n, grand`` per source row: read from :func:`_scores_file`, else computed once and cached
-    there; the seconds this took go to ``spent``."""
+    """``id, <method>`` per source row and its metadata: read from ``cfg.scores`` (a scores.parquet or
+    its directory), else computed once and cached next to the source features. ``spent["scores_s"]``
+    is the scores' whole recorded cost (training + scoring), counted in every keep-set that uses them."""
     from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.models import ModelSpec
-    from dp4tl_ray.select.scores import compute_scores, read_scores
+    from dp4tl_ray.select.scores import ScoreConfig, compute_scores, load_scores
 
-    t0 = time.perf_counter()
-    file = _scores_file(cfg, source)
-    if file.is_file():
-        table = read_scores(file)
-    elif cfg.scores:
-        raise UserError(f"scores file {file} not found; drop --scores to compute them")
+    if cfg.scores:
+        scores = load_scores(cfg.scores, cfg.method)
     else:
         m = source.manifest
         spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
-        table = compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,
-                               seeds=tuple(cfg.score_seeds), out=_scores_cache(cfg, source))
-    spent["scores_s"] = time.perf_counter() - t0
-    return table
+        seeds = {"seeds": tuple(cfg.score_seeds)} if cfg.score_seeds is not None else {}
+        scfg = ScoreConfig(cfg.method, epochs=cfg.score_epochs, num_workers=cfg.score_workers,
+                           use_gpu=cfg.score_use_gpu, **seeds)
+        scores = compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), scfg, out=source.path / scfg.dir_name())
+    spent["scores_s"] = float(scores.meta.get("scores_seconds", 0.0))
+    return scores
 
 
 def _baseline_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]) -> tuple[np.ndarray, KeepSetMeta]:
@@ -203,6 +199,7 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str
         kept = baselines.random_by_class(labels, ids, cfg.ratio, cfg.seed)
         extra: dict[str, Any] = {}
     else:
+        scored: dict[str, Any] = {}
         match = KeepSet.load(cfg.match) if cfg.match else None
         fraction = None if match else (cfg.keep_fraction if cfg.keep_fraction is not None else 1 - cfg.ratio)
         budget = baselines.image_budget(len(ids), fraction, match)
@@ -212,9 +209,10 @@ def _baseline_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str
             f_ids, f_labels, feats, _ = source.arrays()
             kept = baselines.moderate(feats, f_labels, f_ids, budget)
         else:
-            table = _image_scores(cfg, source, spent)
-            kept = baselines.top_scores(table.column(cfg.method).to_numpy(), table.column("id").to_numpy(), budget)
-        extra = {"budget": budget, "matched": cfg.match}
+            scores = _image_scores(cfg, source, spent)
+            kept = baselines.top_scores(scores.table.column(cfg.method).to_numpy(), scores.table.column("id").to_numpy(), budget)
+            scored = {"scores": scores.meta}  # settings and cost (scores_seconds) of the scores used
+        extra = {"budget": budget, "matched": cfg.match, **scored}
     classes_kept = int((np.bincount(labels[np.isin(ids, kept)], minlength=num_classes) > 0).sum())
     unit_level = cfg.method == "random-class"
     meta = KeepSetMeta(method=cfg.method, ratio=cfg.ratio, units_kept=classes_kept if unit_level else len(kept),
@@ -257,7 +255,7 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, fl
 def selection_key(cfg: SelectConfig, source: FeatureStore) -> str:
     """Hash of everything a selection's result depends on: the config but ``out``, the source and
     downstream stores' ``store_key``s, the match keep-set's sha256 and the given scores file's sha256."""
-    scores = _scores_file(cfg, source) if cfg.scores else None
+    scores = _given_scores_file(cfg) if cfg.scores else None
     doc = {"config": {k: v for k, v in asdict(cfg).items() if k != "out"},
            "source": source.manifest.get("store_key"),
            "downstream": [FeatureStore.open(p).manifest.get("store_key") for p in cfg.downstream_features],

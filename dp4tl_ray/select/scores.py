@@ -1,90 +1,149 @@
-"""EL2N and GraNd per-image scores (Paul et al., NeurIPS 2021, "Deep Learning on a Data Diet").
+"""EL2N and GraNd per-image scores as Paul et al. define them (NeurIPS 2021, "Deep Learning on a Data Diet").
 
-One model of the surrogate architecture per seed is trained briefly on the source
-(:func:`train_briefly`, on the driver); an actor pool of :class:`ScoreEmbedder` then scores every
-decoded source image with each model and averages over the seeds:
+- **GraNd at initialisation**: ``||grad_theta CE(f(x), y)||_2`` under freshly initialised models, no
+  training. Only the BatchNorm running statistics are set, estimated on a seeded sample of source
+  images with the weights frozen (:func:`estimate_bn_statistics`): eval-mode BN on torch's initial
+  statistics (mean 0, variance 1) is no normalisation at all, and train-mode BN would make an
+  image's gradient depend on the other images of its batch. Estimated statistics keep the gradient
+  per-sample and normalise each layer as the network does when it trains.
+- **EL2N after a few epochs**: ``||softmax(f(x)) - onehot(y)||_2`` under models trained ``epochs``
+  epochs on the whole source, one Ray Train run per seed (:func:`dp4tl_ray.train.trainer.pretrain`,
+  supervised, on the workers, GPUs when configured; a killed run resumes from its checkpoint).
 
-- EL2N: ``||softmax(f(x)) - onehot(y)||_2``.
-- GraNd: ``||grad_theta CE(f(x), y)||_2`` over all parameters, per sample with ``torch.func``
-  (BatchNorm in eval mode); or, with ``grand_params="last"``, over the classifier layer only, whose
-  closed form is ``||softmax(f(x)) - onehot(y)|| * sqrt(||h||^2 + 1)`` (``h`` the penultimate
-  feature; weight and bias): a cheap variant, one forward pass per image.
-
-The paper computes GraNd at initialisation and EL2N after a few epochs; here both come from the
-same briefly trained models (``epochs=0`` scores the models at initialisation).
+Each is the mean over one model per seed (the paper averages 10; :data:`DEFAULT_SEEDS` here). The
+source is scored on a Ray Data actor pool (:class:`ScoreEmbedder`). A score's directory holds
+``scores.parquet`` (``id, <score>``) and ``scores.json``: its settings and its cost
+(``scores_seconds`` = building the models + scoring), which every keep-set that uses it counts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dp4tl_ray import atomic
-from dp4tl_ray.artifact_io import read_parquet
+from dp4tl_ray.artifact_io import read_json, read_parquet, reading
 from dp4tl_ray.data.decode import DecodeSpec
-from dp4tl_ray.data.source import open_source
+from dp4tl_ray.data.source import ImageSource, open_source
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_model, save_checkpoint, to_model_input
 from dp4tl_ray.pool import InferencePool
-from dp4tl_ray.models import ModelSpec, Surrogate, build_model, to_model_input
 
 if TYPE_CHECKING:
     import ray.data
 
+SCORES = ("el2n", "grand")
 SCORES_FILE = "scores.parquet"
-SCHEMA = pa.schema([("id", pa.int64()), ("el2n", pa.float32()), ("grand", pa.float32())])
+META_FILE = "scores.json"
+META_KEY = b"dp4tl_scores"  # the same metadata in the parquet schema, so a copied file keeps it
+RUNS_DIR = "runs"  # EL2N: the Ray Train runs, one per seed
+INIT_DIR = "init"  # GraNd: the models at initialisation with their estimated BN statistics
+DEFAULT_SEEDS = (0, 1, 2, 3)
 GRAND_PARAMS = ("all", "last")
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer of the training stream, in batches
+BN_SAMPLE_SEED = 0  # draws the images that estimate BN statistics: the same for every seed set
 GRAD_CHUNK = 16  # samples whose full per-sample gradients are held at once (memory: GRAD_CHUNK x model size)
+METHOD = {  # what each score is, in its metadata
+    "grand": "GraNd at initialisation (Paul et al. 2021): mean over seeds of the per-sample loss-gradient norm "
+             "under the initial weights, BatchNorm statistics estimated on source images",
+    "el2n": "EL2N (Paul et al. 2021): mean over seeds of ||softmax - onehot|| after a few epochs of supervised training",
+}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One score's recipe, and where its work runs."""
+
+    score: str  # el2n | grand
+    seeds: tuple[int, ...] = DEFAULT_SEEDS  # one model per seed; the score is their mean
+    epochs: int = 2  # EL2N: supervised epochs on the whole source (the paper: 20 of 200 on CIFAR-10)
+    batch_size: int = 128  # EL2N training (per worker), BN estimation and scoring
+    lr: float = 0.1  # EL2N training (the pretraining recipe otherwise: SGD, cosine, RandomResizedCrop + flip)
+    grand_params: str = "all"  # GraNd over every parameter, or "last": the classifier only (a cheap variant)
+    bn_images: int = 4096  # GraNd: source images (a seeded sample) estimating the BN statistics at init
+    num_workers: int = 1  # EL2N: Ray Train workers per run
+    use_gpu: bool = False  # EL2N: train on GPUs
+    cpus_per_worker: float = 1
+    num_actors: int | None = None  # scoring pool: default one actor per GPU, else CPUs - 1
+    rows_per_block: int = 256
+
+    def validate(self) -> None:
+        if self.score not in SCORES:
+            raise UserError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"give at least one seed, each once: the score is the mean over one model per seed (got {list(self.seeds)})")
+        if self.grand_params not in GRAND_PARAMS:
+            raise UserError(f"grand_params must be one of {', '.join(GRAND_PARAMS)}, got {self.grand_params!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.bn_images < 2:
+            raise UserError(f"need epochs >= 1, batch_size >= 1, lr > 0 and bn_images >= 2; got {self.epochs}, "
+                            f"{self.batch_size}, {self.lr}, {self.bn_images}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise UserError(f"num_actors must be >= 1, got {self.num_actors}")
+
+    def settings(self) -> dict[str, Any]:
+        """What the score's values depend on (the cache key); where the work runs is left out,
+        except the Train workers, which set EL2N's global batch."""
+        common = {"score": self.score, "seeds": list(self.seeds), "batch_size": self.batch_size}
+        if self.score == "grand":
+            return {**common, "grand_params": self.grand_params, "bn_images": self.bn_images}
+        return {**common, "epochs": self.epochs, "lr": self.lr, "num_workers": self.num_workers}
+
+    def dir_name(self) -> str:
+        """``scores-<score>-<hash of settings()>``: one directory per distinct score."""
+        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
+        return f"scores-{self.score}-{digest}"
+
+
+@dataclass
+class Scores:
+    """``id, <score>`` of every scored source image (sorted by id), and its metadata (scores.json)."""
+
+    table: pa.Table
+    meta: dict[str, Any]
 
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train_briefly(
-    source_ds: ray.data.Dataset, spec: ModelSpec, epochs: int, seed: int, batch_size: int = 128, lr: float = 0.1
-) -> Surrogate:
-    """A model of ``spec`` trained ``epochs`` epochs on the decoded ``id, label, image`` stream.
+def estimate_bn_statistics(models: Sequence[nn.Module], batches: Iterable[torch.Tensor]) -> int:
+    """Set the BatchNorm running statistics of ``models`` to their mean over ``batches`` (float images
+    in [0, 1]), the weights untouched; returns the number of batches used.
 
-    Plain SGD (momentum 0.9, weight decay 5e-4, constant ``lr``) on cross-entropy, random horizontal
-    flips as the only augmentation, on the driver (CUDA if present). The initial weights, flips and
-    shuffle are seeded; the order in which Ray delivers blocks may still vary between runs.
-    """
-    if epochs < 0 or batch_size < 1 or not lr > 0:
-        raise UserError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got {epochs}, {batch_size}, {lr}")
-    device = _device()
-    model = build_model(spec, seed).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    rng = torch.Generator().manual_seed(seed)  # draws the flips and each epoch's shuffle seed
-    for _ in range(epochs):
-        batches = source_ds.iter_torch_batches(
-            batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-            local_shuffle_seed=int(torch.randint(2**31 - 1, (), generator=rng)), device="cpu",
-        )
-        for batch in batches:
-            y = batch["label"].to(device, torch.long)
-            if y.shape[0] < 2:  # BatchNorm cannot train on a single sample
+    Train-mode forward passes without gradients and a cumulative average (``momentum=None``), as
+    "precise BN" does; each batch goes through every model, so the images are decoded once."""
+    bns = [m for model in models for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    used = 0
+    with torch.no_grad():
+        for model in models:
+            model.train()
+        for x in batches:
+            if x.shape[0] < 2:  # one image has no variance
                 continue
-            x = to_model_input(batch["image"], device, non_blocking=True)
-            flip = (torch.rand(y.shape[0], generator=rng) < 0.5).to(device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval().cpu()
+            for model in models:
+                model(x)
+            used += 1
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    for model in models:
+        model.eval()
+    return used
 
 
 def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -107,118 +166,179 @@ def grand_all(model: Surrogate, x: torch.Tensor, labels: torch.Tensor) -> torch.
     return vmap(norm, in_dims=(None, 0, 0), chunk_size=GRAD_CHUNK)(params, x, labels)
 
 
-def sample_scores(model: Surrogate, x: torch.Tensor, labels: torch.Tensor, grand_params: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(el2n, grand)`` of each image in ``x`` (floats in [0, 1]) under ``model`` in eval mode."""
+def image_scores(model: Surrogate, x: torch.Tensor, labels: torch.Tensor, score: str, grand_params: str = "all") -> torch.Tensor:
+    """``score`` of each image in ``x`` (floats in [0, 1]) under ``model`` in eval mode.
+
+    GraNd over the classifier only (``grand_params="last"``) has a closed form: d CE / d(W, b) =
+    (p - y) (h, 1)^T, so its norm is ``el2n * sqrt(||h||^2 + 1)`` (``h`` the penultimate feature)."""
+    if score == "grand" and grand_params == "all":
+        return grand_all(model, x, labels)
     with torch.no_grad():
         h = model.features(x)
-        score = el2n(model.net.fc(h), labels)
-    if grand_params == "last":  # d CE / d(W, b) = (p - y) (h, 1)^T, so its norm factorises
-        return score, score * torch.sqrt(h.float().pow(2).sum(dim=1) + 1)
-    return score, grand_all(model, x, labels)
+        error = el2n(model.net.fc(h), labels)
+    return error if score == "el2n" else error * torch.sqrt(h.float().pow(2).sum(dim=1) + 1)
 
 
 class ScoreEmbedder:
-    """Ray Data callable class: ``id, label, image`` batches -> ``id, el2n, grand`` averaged over models.
+    """Ray Data callable class: ``id, label, image`` batches -> ``id, <score>``, the mean over the
+    models saved in ``checkpoints`` (local files every actor reads)."""
 
-    ``states`` is the list of the seed models' ``net`` state dicts, or an ObjectRef to it (Ray Data
-    passes constructor kwargs as they are, so the actor fetches the ref here).
-    """
-
-    def __init__(self, spec: ModelSpec, states: Any, grand_params: str = "all", torch_threads: int = 1):
-        import ray
-
-        if isinstance(states, ray.ObjectRef):
-            states = ray.get(states)
+    def __init__(self, spec: ModelSpec, checkpoints: list[str], score: str, grand_params: str = "all", torch_threads: int = 1):
         self.device = _device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, torch_threads))
-        self.models = []
-        for state in states:
-            model = build_model(spec, seed=None)
-            model.net.load_state_dict(state)
-            self.models.append(model.eval().to(self.device))
-        self.grand_params = _checked_grand_params(grand_params)
+        self.models = [load_model(spec, path).eval().to(self.device) for path in checkpoints]
+        self.score, self.grand_params = score, grand_params
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         image = np.require(batch["image"], requirements=["C", "W"])  # Ray batches are read-only: copy if so
         x = to_model_input(torch.from_numpy(image), self.device, non_blocking=True)
         y = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(self.device)
-        el2ns, grands = zip(*(sample_scores(m, x, y, self.grand_params) for m in self.models))
-        return {"id": np.asarray(batch["id"], dtype=np.int64), "el2n": _mean(el2ns), "grand": _mean(grands)}
+        per_model = torch.stack([image_scores(m, x, y, self.score, self.grand_params) for m in self.models])
+        return {"id": np.asarray(batch["id"], dtype=np.int64),
+                self.score: per_model.mean(dim=0).cpu().numpy().astype(np.float32)}
 
 
-def _mean(per_model: tuple[torch.Tensor, ...]) -> np.ndarray:
-    return torch.stack(per_model).mean(dim=0).cpu().numpy().astype(np.float32)
+def score_dataset(ds: ray.data.Dataset, spec: ModelSpec, checkpoints: list[str], cfg: ScoreConfig) -> pa.Table:
+    """``id, <cfg.score>`` of every row of the decoded ``ds`` under the models in ``checkpoints``, sorted by id.
 
-
-def score_dataset(
-    ds: ray.data.Dataset, spec: ModelSpec, states: list[dict[str, torch.Tensor]], batch_size: int = 64,
-    num_actors: int | None = None, grand_params: str = "all",
-) -> pa.Table:
-    """Scores of every row of the decoded ``ds`` under the models ``states``, sorted by id.
-
-    The pool has one actor per GPU, else ``CPUs - 1`` actors (one CPU left for the decode tasks).
-    """
+    The pool has one actor per GPU, else ``CPUs - 1`` actors (one CPU left for the decode tasks)."""
     import ray
 
-    if not states:
-        raise UserError("need at least one trained model (seed) to score with")
-    if batch_size < 1 or (num_actors is not None and num_actors < 1):
-        raise UserError(f"batch_size and num_actors must be >= 1, got {batch_size} and {num_actors}")
-    _checked_grand_params(grand_params)
-    pool = InferencePool.plan(num_actors)
+    pool = InferencePool.plan(cfg.num_actors)
     scored = ds.map_batches(
         ScoreEmbedder,
-        # One ObjectRef instead of the weights themselves keeps the UDF small (Ray warns above 1 MiB).
-        fn_constructor_kwargs={"spec": spec, "states": ray.put(states), "grand_params": grand_params,
-                               "torch_threads": pool.threads},
-        batch_size=batch_size,
+        fn_constructor_kwargs={"spec": spec, "checkpoints": list(checkpoints), "score": cfg.score,
+                               "grand_params": cfg.grand_params, "torch_threads": pool.threads},
+        batch_size=cfg.batch_size,
         batch_format="numpy",
         **pool.map_batches_kwargs(),
     )
+    schema = pa.schema([("id", pa.int64()), (cfg.score, pa.float32())])
     tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
     if not tables:
         raise UserError("no readable image to score: the decoded source is empty")
-    return pa.concat_tables([t.select(SCHEMA.names).cast(SCHEMA) for t in tables]).sort_by("id")
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]).sort_by("id")
 
 
-def compute_scores(
-    source_path: str | os.PathLike, spec: ModelSpec, decode_spec: DecodeSpec, epochs: int = 2,
-    seeds: tuple[int, ...] = (0, 1), batch_size: int = 64, num_actors: int | None = None,
-    out: str | os.PathLike | None = None, grand_params: str = "all", lr: float = 0.1, rows_per_block: int = 256,
-) -> pa.Table:
-    """EL2N and GraNd of every readable source image (``id, el2n, grand``, sorted by id).
+def _init_checkpoints(ds: ray.data.Dataset, spec: ModelSpec, seeds: list[int], batch_size: int, out_dir: str) -> list[str]:
+    """(A Ray task.) Each seed's model at its initial weights, BN statistics estimated on ``ds``,
+    saved under ``out_dir``; ``[]`` when no batch of two images could be read."""
+    device = _device()
+    models = [build_model(spec, seed).to(device) for seed in seeds]
+    batches = (to_model_input(b["image"], device, non_blocking=True) for b in ds.iter_torch_batches(batch_size=batch_size, device="cpu"))
+    if not estimate_bn_statistics(models, batches):
+        return []
+    return [str(save_checkpoint(m.cpu(), Path(out_dir) / f"seed{seed}.pt", {"seed": seed, "bn_estimated": True}))
+            for m, seed in zip(models, seeds)]
 
-    Trains one model per seed (``batch_size`` for training and scoring alike), scores the source on
-    an actor pool, and with ``out`` writes ``out/scores.parquet`` atomically, its provenance in the
-    schema metadata. Unreadable images are absent from the table.
-    """
+
+def grand_init_checkpoints(source: ImageSource, spec: ModelSpec, decode: DecodeSpec, cfg: ScoreConfig, out: Path) -> list[str]:
+    """GraNd's models: one per seed at initialisation, BN statistics estimated on ``cfg.bn_images``
+    source images drawn with :data:`BN_SAMPLE_SEED`, in one Ray task (on a GPU when the cluster has one)."""
+    import ray
+
+    from dp4tl_ray.select.keepset import filter_by_ids
+
+    n = min(cfg.bn_images, source.num_rows)
+    ids = np.sort(np.random.default_rng(BN_SAMPLE_SEED).choice(source.num_rows, size=n, replace=False))
+    ds = source.decode(filter_by_ids(source.rows(cfg.rows_per_block), ids), decode, cfg.rows_per_block)
+    ds.context.execution_options.preserve_order = True  # the same batches every run: reproducible statistics
+    gpus = InferencePool.plan(1).gpus
+    task = ray.remote(_init_checkpoints).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
+    paths = ray.get(task.remote(ds, spec, list(cfg.seeds), cfg.batch_size, str(out / INIT_DIR)))
+    if not paths:
+        raise UserError(f"fewer than 2 readable images among the {n} sampled from {source.path} to estimate BatchNorm statistics")
+    return paths
+
+
+def training_seconds(history: list[dict[str, Any]], wall_s: float, trained_now: bool) -> float:
+    """What a Train run cost: the wall time of the call that finished it plus the epochs earlier,
+    killed attempts had finished (from its history); for a run finished before, without a record,
+    the floor: the sum of its epochs."""
+    if not trained_now:
+        return float(sum(h.get("epoch_s", 0.0) for h in history))
+    start = history[-1].get("start_epoch", 0) if history else 0
+    return wall_s + float(sum(h.get("epoch_s", 0.0) for h in history if h.get("epoch", 0) <= start))
+
+
+def el2n_checkpoints(source: ImageSource, spec: ModelSpec, decode: DecodeSpec, cfg: ScoreConfig, out: Path) -> tuple[list[str], list[float]]:
+    """EL2N's models: per seed, a supervised Ray Train run of ``cfg.epochs`` on the whole source
+    (named ``el2n-seed<s>`` under ``out/runs``, so a killed run resumes); their model files and costs.
+
+    A run's cost is recorded next to it once it finishes, so scoring again later still counts it."""
+    from dp4tl_ray.train.trainer import PretrainConfig, pretrain
+
+    paths, seconds = [], []
+    for seed in cfg.seeds:
+        run = PretrainConfig(source=str(source.path), out=str(out / RUNS_DIR), name=f"el2n-seed{seed}", mode="supervised",
+                             arch=spec.arch, small_input=spec.small_input, image_size=decode.size,
+                             resize_size=decode.resize, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                             rows_per_block=cfg.rows_per_block, seed=seed)
+        t0 = time.perf_counter()
+        result = pretrain(run)
+        cost = out / RUNS_DIR / f"{run.name}.cost.json"
+        if result.seconds > 0 or not cost.is_file():
+            atomic.write_json(cost, {"train_s": training_seconds(result.history, time.perf_counter() - t0, result.seconds > 0)})
+        if result.kept_classes != list(range(len(source.classes))):
+            missing = sorted(set(range(len(source.classes))) - set(result.kept_classes))
+            raise UserError(f"source {source.path} has no image of class(es) {[source.classes[c] for c in missing[:5]]}; "
+                            "remove their folders")
+        paths.append(result.model_path)
+        seconds.append(read_json(cost, f"delete {cost} and score again (its run is not redone)", ("train_s",))["train_s"])
+    return paths, seconds
+
+
+def load_scores(path: str | os.PathLike, score: str) -> Scores:
+    """The ``id, <score>`` columns of a scores.parquet (or the directory holding it), and its metadata."""
+    path = Path(path)
+    file = path / SCORES_FILE if path.suffix != ".parquet" else path
+    if not file.is_file():
+        raise UserError(f"scores file {file} not found; drop --scores to compute them")
+    fix = f"delete {file} and select again (the scores are recomputed), or pass another --scores"
+    table = read_parquet(file, fix)
+    if score not in table.column_names or "id" not in table.column_names:
+        raise UserError(f"scores file {file} has no `id` and `{score}` columns (it has {table.column_names}); "
+                        f"compute {score} scores or pass another file")
+    with reading(file, fix):
+        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    return Scores(table.select(["id", score]).replace_schema_metadata(None), {**meta, "path": str(file)})
+
+
+def compute_scores(source_path: str | os.PathLike, spec: ModelSpec, decode_spec: DecodeSpec, cfg: ScoreConfig,
+                   out: str | os.PathLike) -> Scores:
+    """``cfg.score`` of every readable source image, written to ``out`` (scores.parquet + scores.json,
+    atomically) and returned; ``out`` already holding this score of this source and surrogate is read
+    instead. Unreadable images are absent from the table."""
+    cfg.validate()
     source = open_source(source_path)
     if spec.num_classes < len(source.classes):
         raise UserError(f"model has {spec.num_classes} classes but the source has {len(source.classes)}; raise num_classes")
-    if not seeds:
-        raise UserError("give at least one seed: scores are averaged over one model per seed")
-    _checked_grand_params(grand_params)
-    ds = source.decoded(decode_spec, rows_per_block)
-    states = [train_briefly(ds, spec, epochs, s, batch_size, lr).net.state_dict() for s in seeds]
-    table = score_dataset(ds, spec, states, batch_size, num_actors, grand_params)
-    provenance = {"spec": asdict(spec), "decode": asdict(decode_spec), "epochs": epochs, "seeds": list(seeds),
-                  "lr": lr, "batch_size": batch_size, "grand_params": grand_params,
-                  "source": str(source_path), "source_fingerprint": source.fingerprint}
-    table = table.replace_schema_metadata({"dp4tl_scores": json.dumps(provenance, sort_keys=True)})
-    if out is not None:
-        with atomic.file_path(Path(out) / SCORES_FILE) as tmp:
-            pq.write_table(table, tmp)
-    return table
-
-
-def read_scores(file: str | os.PathLike) -> pa.Table:
-    """A ``scores.parquet`` written by :func:`compute_scores` (``id, el2n, grand``); a damaged one is one line."""
-    fix = f"delete {file} and select again (the scores are recomputed), or pass another --scores"
-    return read_parquet(file, fix, SCHEMA.names)
-
-
-def _checked_grand_params(grand_params: str) -> str:
-    if grand_params not in GRAND_PARAMS:
-        raise UserError(f"grand_params must be one of {', '.join(GRAND_PARAMS)}, got {grand_params!r}")
-    return grand_params
+    out = Path(out)
+    provenance = json.loads(json.dumps({
+        "settings": cfg.settings(), "spec": asdict(spec), "decode": asdict(decode_spec), "source": str(source_path),
+        "source_fingerprint": source.fingerprint}))
+    if (out / SCORES_FILE).is_file():
+        cached = load_scores(out, cfg.score)
+        if all(cached.meta.get(k) == v for k, v in provenance.items()):
+            return cached
+    t0 = time.perf_counter()
+    if cfg.score == "grand":
+        checkpoints = grand_init_checkpoints(source, spec, decode_spec, cfg, out)
+        seconds, extra = {"bn_estimate_s": time.perf_counter() - t0}, {}
+        score_spec = spec
+    else:
+        checkpoints, per_seed = el2n_checkpoints(source, spec, decode_spec, cfg, out)
+        seconds = {"train_s": sum(per_seed)}
+        extra = {"train_s_per_seed": per_seed, "train": {"num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu}}
+        score_spec = ModelSpec(spec.arch, len(source.classes), spec.small_input)  # as pretrain builds it
+    t1 = time.perf_counter()
+    table = score_dataset(source.decoded(decode_spec, cfg.rows_per_block), score_spec, checkpoints, cfg)
+    seconds["score_s"] = time.perf_counter() - t1
+    meta = {**provenance, **extra, "method": METHOD[cfg.score], "models": checkpoints, "images": table.num_rows,
+            "seconds": seconds, "scores_seconds": sum(seconds.values())}
+    with atomic.file_path(out / SCORES_FILE) as tmp:
+        pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)}), tmp)
+    atomic.write_json(out / META_FILE, meta)
+    return Scores(table, {**meta, "path": str(out / SCORES_FILE)})
