@@ -267,8 +267,8 @@ def run(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import chatter is not news
     try:
         args.func(args)
-    except UserError as e:
-        print(f"dp4tl: error: {e}", file=sys.stderr)
+    except UserError as e:  # raised in a Ray task it arrives as RayTaskError(UserError): print its cause alone
+        print(f"dp4tl: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
     return 0
 

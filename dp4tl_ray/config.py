@@ -8,8 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
+from dp4tl_ray.artifact_io import read_yaml, require_keys
 from dp4tl_ray.errors import UserError
 
 T = TypeVar("T")
@@ -39,8 +38,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return origin(_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict or tp is Any or origin is not None:
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{where}: expected a number, got {value!r}")
     if tp is Path and isinstance(value, str):
         return Path(value)
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -63,12 +64,25 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         raise UserError(f"{where}: {e}") from None
 
 
+def record_from(cls: type[T], data: Any, path: str | Path, fix: str) -> T:
+    """Dataclass ``cls`` from a mapping read out of the artifact ``path``: wrong keys or types are one
+    line naming the file and ``fix``."""
+    data = require_keys(data, (), path, fix)
+    try:
+        return from_dict(cls, data, str(path))
+    except UserError as e:
+        raise UserError(f"{e}; {fix}") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping is a one-line error."""
+    """Read a YAML mapping; a missing, unparsable or non-mapping file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing YAML file (see jobs/configs/)")
-    data = yaml.safe_load(path.read_text()) or {}
+    fix = "write it as `key: value` lines (see jobs/configs/ for examples)"
+    data = read_yaml(path, fix)
+    if data is None:
+        raise UserError(f"config file {path} is empty; {fix}, or drop it to use the defaults")
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping at top level")
+        raise UserError(f"config file {path} must hold a mapping at top level; {fix}")
     return data

@@ -7,7 +7,6 @@ import torch (k-means actors and selection stay light).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dp4tl_ray.artifact_io import damaged, parquet_metadata, read_json, reading
 from dp4tl_ray.errors import UserError
 
 MANIFEST = "manifest.json"
 READ_BATCH_ROWS = 4096  # rows per decoded batch when an actor reads store files
 READ_BUFFER_BYTES = 1 << 20  # parquet read buffer (streamed, not the whole column chunk at once)
+MANIFEST_KEYS = ("dim", "num_rows", "topk")  # what the store itself reads from its manifest
 
 
 def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_logit: np.ndarray) -> pa.Table:
@@ -56,7 +57,19 @@ class FeatureStore:
         mf = path / MANIFEST
         if not mf.is_file():
             raise UserError(f"{path} is not a FeatureStore (no {MANIFEST}); create it with `dp4tl extract`")
-        return cls(path, json.loads(mf.read_text()))
+        store = cls(path, read_json(mf, store_fix(path), MANIFEST_KEYS))
+        store.check_shards()
+        return store
+
+    def check_shards(self) -> None:
+        """Refuse shards that are truncated, garbled or of another schema, or rows the manifest does not
+        count (footers only: cheap)."""
+        fix = store_fix(self.path)
+        columns = [pa.field("id", pa.int64()), pa.field("feature", pa.list_(pa.float32(), self.dim)), "label",
+                   "topk_idx", "topk_logit"]
+        rows = sum(parquet_metadata(f, fix, columns).num_rows for f in self.files)
+        if rows != self.num_rows:
+            raise damaged(self.path, f"shards hold {rows} rows, {MANIFEST} says {self.num_rows}", fix)
 
     @property
     def files(self) -> list[Path]:
@@ -72,7 +85,8 @@ class FeatureStore:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole store as one Arrow table sorted by id (small stores, tests and tools)."""
-        table = pq.ParquetDataset(self.files).read(columns=columns)
+        with reading(self.path, store_fix(self.path)):
+            table = pq.ParquetDataset(self.files).read(columns=columns)
         return table.sort_by("id")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -88,6 +102,11 @@ class FeatureStore:
         import ray.data
 
         return ray.data.read_parquet([str(f) for f in self.files], columns=columns)
+
+
+def store_fix(path: Path) -> str:
+    """What to do about a damaged FeatureStore at ``path``."""
+    return f"delete {path} and re-run `dp4tl extract`"
 
 
 def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from dp4tl_ray.artifact_io import reading
 from dp4tl_ray.errors import UserError
 
 ARCHS = (
@@ -119,15 +120,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass a local .pt file (nothing is downloaded)")
-    try:
+    fix = "it cannot be read safely as a checkpoint; pass an intact state-dict .pt file"
+    with reading(path, fix):
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle errors vary; all mean "not a usable checkpoint"
-        raise UserError(f"checkpoint {path} cannot be read safely ({type(e).__name__}); pass a state-dict .pt file") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     if "model" not in obj and "state_dict" not in obj:
         obj = {"model": obj}
     state = obj.get("model", obj.get("state_dict"))
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__} as its model, not a state dict")
     obj["model"] = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
     return obj
 

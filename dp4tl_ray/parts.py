@@ -11,7 +11,6 @@ cost and not the work a kill threw away.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import read_json, reading
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST
 
@@ -70,7 +70,10 @@ class PartStaging:
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
-        chunks = [pq.read_table(p, columns=["id"]).column("id").to_numpy() for p in self.parts()]
+        chunks = []
+        for part in self.parts():
+            with reading(part, f"delete {part} (only its rows are extracted again)"):
+                chunks.append(pq.read_table(part, columns=["id"]).column("id").to_numpy())
         ids = np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
         if ids.size > 1 and not (np.diff(ids) > 0).all():
             raise UserError(f"{self.path}: a row id is in two parts (files changed by hand?); delete it and extract again")
@@ -86,7 +89,8 @@ class PartStaging:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run that committed parts, oldest first: ``{"seconds", "rows"}``."""
-        return [json.loads(p.read_text()) for p in sorted(self.path.glob(RUN_GLOB))]
+        return [read_json(p, f"delete {p} (the store then counts the other runs' seconds only)", ("seconds", "rows"))
+                for p in sorted(self.path.glob(RUN_GLOB))]
 
     def assemble(self, out: str | Path, manifest: dict[str, Any]) -> None:
         """Link every part into the store ``out`` with ``manifest`` written last, replace ``out`` as a

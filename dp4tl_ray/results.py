@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import damaged, reading
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
 
@@ -19,6 +20,9 @@ DENSE = "dense"
 RANDOM_INIT = "random-init"  # no pretraining: the downstream evaluation of a seeded untrained backbone (the floor)
 REFERENCES = (DENSE, RANDOM_INIT)  # methods without a keep-set or a ratio
 RESULTS_FILE = "results.jsonl"
+STATUSES = ("ok", "error")
+# What to do about a damaged results file: the sweep writes it from Tune's saved state at its end.
+REWRITE = f"re-run the same `dp4tl sweep` command: finished trials are kept and {RESULTS_FILE} is written again"
 RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "surrogate_mode", "mode", "arch", "task", "seed",
                "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max", "kept_units", "total_units", "kept_images",
                "total_images", "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker",
@@ -56,7 +60,8 @@ def _read_text(sweep_dir: str) -> str:
     path = Path(sweep_dir) / RESULTS_FILE
     if not path.is_file():
         raise UserError(f"no {RESULTS_FILE} in {sweep_dir}: run the sweep first (dp4tl sweep)")
-    return path.read_text()
+    with reading(path, REWRITE):
+        return path.read_text()
 
 
 def normalize_trial(obj: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +85,15 @@ def normalize_trial(obj: dict[str, Any]) -> dict[str, Any]:
     return t
 
 
+def _json_object(line: str) -> dict[str, Any] | None:
+    """The JSON object on ``line``; None when the line is not one."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def parse_results(text: str) -> list[dict[str, Any]]:
     """Trials from JSON lines. A trial id seen twice (a resumed sweep) keeps its last line;
     an unreadable line (e.g. cut short by a kill) becomes an error trial so it is counted, not lost."""
@@ -87,11 +101,8 @@ def parse_results(text: str) -> list[dict[str, Any]]:
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("not an object")
-        except ValueError:
+        obj = _json_object(line)
+        if obj is None:
             obj = {"trial_id": f"line {i}", "status": "error", "error": "unreadable line (not a JSON object)"}
         t = normalize_trial(obj)
         by_id[t["trial_id"] if t["trial_id"] is not None else f"line {i}"] = t
@@ -101,9 +112,13 @@ def parse_results(text: str) -> list[dict[str, Any]]:
 def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every trial of a sweep (``status`` "ok" or "error"); tables use the ok ones and count the rest."""
     sweep_dir = str(sweep_dir)
-    trials = parse_results(_read_text(sweep_dir))
+    text = _read_text(sweep_dir)
+    trials = parse_results(text)
     if not trials:
         raise UserError(f"{sweep_dir}/{RESULTS_FILE} holds no trials yet: run the sweep first (dp4tl sweep)")
+    # One cut or stray line is an error trial, counted in the report; a file with no record at all is not results.
+    if not any((obj := _json_object(line)) and obj.get("status") in STATUSES for line in text.splitlines()):
+        raise damaged(f"{sweep_dir}/{RESULTS_FILE}", "holds no trial record (JSON lines with a status)", REWRITE)
     return trials
 
 

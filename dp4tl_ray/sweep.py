@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import read_json
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.config import from_dict, load_yaml
 from dp4tl_ray.errors import UserError
@@ -189,10 +190,16 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    not_mappings = [k for k, v in raw.items() if v is not None and not isinstance(v, dict)]
+    if not_mappings:
+        raise UserError(f"{path}: section(s) {not_mappings} must hold `key: value` settings (see jobs/configs/demo.yaml)")
     sweep = {**(raw.get("sweep") or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    plan = SweepPlan(sweep=from_dict(SweepConfig, sweep, "sweep"),
-                     **{k: dict(raw[k] or {}) for k in SECTIONS[1:] if k in raw})
-    return check_plan(_absolute_paths(plan))
+    try:
+        plan = SweepPlan(sweep=from_dict(SweepConfig, sweep, "sweep"),
+                         **{k: dict(raw[k] or {}) for k in SECTIONS[1:] if k in raw})
+        return check_plan(_absolute_paths(plan))
+    except UserError as e:  # name the file (a value may be missing because the file was cut short)
+        raise UserError(f"{path}: {e} (valid plans: jobs/configs/*.yaml)") from None
 
 
 def _absolute(path: str) -> str:
@@ -487,7 +494,7 @@ def _evaluate(cfg) -> dict[str, Any]:
     sha = atomic.sha256_file(cfg.checkpoint) if cfg.checkpoint else None
     out = Path(cfg.out)
     if out.is_file():
-        done = json.loads(out.read_text())
+        done = read_json(out, f"delete {out} and resume the sweep (the evaluation is redone)")
         if (done.get("checkpoint_sha256"), done.get("mode"), done.get("seed")) == (sha, cfg.mode, cfg.seed):
             return done
     return evaluate(cfg)
@@ -525,7 +532,8 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     work = plan.sweep.work
     done = work / "trials" / f"{trial_id}.json"
     # Killed after the trial finished but before Tune saved that: its record stands, nothing is redone.
-    record = json.loads(done.read_text()) if done.is_file() else None
+    redo = f"delete {done} and resume the sweep (the trial is redone)"
+    record = read_json(done, redo, ("method",)) if done.is_file() else None
     reused = record is not None and (record["method"] == RANDOM_INIT or Path(record.get("checkpoint") or "-").is_file())
     with open(work / "trial_starts.log", "a") as f:  # one line per (re)start: how often each trial ran
         f.write(json.dumps({"trial_id": trial_id, "key": spec.key, "time": time.time(), "reused": reused}) + "\n")
@@ -602,7 +610,8 @@ def _check_same_sweep(plan: SweepPlan, shared: Shared) -> None:
     path = plan.sweep.work / "plan.json"
     digest = _plan_digest(plan, shared)
     if path.is_file():
-        if json.loads(path.read_text()).get("digest") != digest:
+        fix = f"delete {path} and resume with the config the sweep was started with, or pick another sweep.name"
+        if read_json(path, fix).get("digest") != digest:
             raise UserError(f"sweep {plan.sweep.name} at {plan.sweep.path} was started with another config "
                             "(stages or trials differ); resume it with the same config or pick another sweep.name")
     else:

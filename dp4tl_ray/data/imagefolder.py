@@ -9,7 +9,6 @@ index file fixes it, e.g. the canonical ImageNet wnid order).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import damaged, read_json
 from dp4tl_ray.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -56,7 +56,10 @@ def read_class_index(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"class index file {path} not found; write one with `dp4tl data index`")
-    mapping = json.loads(path.read_text())
+    fix = "write it again with `dp4tl data index` (or fix the JSON by hand)"
+    mapping = read_json(path, fix)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in mapping.values()):
+        raise damaged(path, "must map class names to integer labels", fix)
     order = sorted(mapping, key=mapping.__getitem__)
     if [mapping[c] for c in order] != list(range(len(order))):
         raise UserError(f"class index {path} must map names to 0..N-1 with no gaps or repeats")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
-from dp4tl_ray.data.imagefolder import FolderIndex, write_class_index
+from dp4tl_ray.artifact_io import parquet_metadata, read_json
+from dp4tl_ray.data.imagefolder import FolderIndex, read_class_index, write_class_index
 from dp4tl_ray.errors import UserError
 
 SHARD_SCHEMA = pa.schema(
@@ -118,15 +118,16 @@ def open_shards(root: str | Path) -> ShardSet:
     index_file = root / "class_index.json"
     if not index_file.is_file():
         raise UserError(f"{root} has no class_index.json; shards need one (written by `dp4tl data shard`)")
-    mapping = json.loads(index_file.read_text())
-    classes = sorted(mapping, key=mapping.__getitem__)
+    classes = read_class_index(index_file)
     h = hashlib.sha256("\n".join(classes).encode())
     num_rows = 0
+    fix = f"re-create the shards with `dp4tl data shard` (or restore {root} from its source)"
     for f in files:
-        md = pq.read_metadata(f)
+        md = parquet_metadata(f, fix, SHARD_SCHEMA.names)
         num_rows += md.num_rows
         h.update(f"\n{f.name}\t{f.stat().st_size}\t{md.num_rows}".encode())
-    meta = json.loads((root / SHARDS_META).read_text()) if (root / SHARDS_META).is_file() else {}
+    meta_file = root / SHARDS_META
+    meta = read_json(meta_file, fix) if meta_file.is_file() else {}
     reencode = Reencode(**meta["reencode"]) if meta.get("reencode") else None
     return ShardSet(root, files, classes, num_rows, h.hexdigest(), meta.get("source_fingerprint"), reencode)
 

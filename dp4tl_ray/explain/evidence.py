@@ -125,7 +125,7 @@ def _store(path: str, role: str, keepset: Path) -> FeatureStore:
 
 def _fm_units(keepset: KeepSet, path: Path, source: FeatureStore, ids: np.ndarray):
     """``unit_of_row, closeness, centres, names`` of an ``fm`` keep-set from the k-means run it recorded."""
-    from dp4tl_ray.kmeans import load_assignments
+    from dp4tl_ray.kmeans import load_assignments, load_centroids
 
     recorded = keepset.meta.extra.get("kmeans", {}).get("dir")
     kdir = source.path / "kmeans" / Path(recorded).name if recorded else None
@@ -134,7 +134,7 @@ def _fm_units(keepset: KeepSet, path: Path, source: FeatureStore, ids: np.ndarra
     assign = load_assignments(kdir)
     if not np.array_equal(assign.column("id").to_numpy(), ids):
         raise UserError(f"the k-means result {kdir} does not cover the source store's ids; {_RESELECT}")
-    centres = np.load(kdir / "centroids.npy")
+    centres = load_centroids(kdir)
     return (assign.column("cluster").to_numpy(), assign.column("sq_dist").to_numpy(), centres,
             [f"cluster {c}" for c in range(centres.shape[0])])
 

@@ -27,6 +27,7 @@ from dp4tl_ray.kmeans.distributed import (
     file_groups,
     kmeans_distributed,
     load_assignments,
+    load_centroids,
     read_shard,
 )
 from dp4tl_ray.kmeans.lloyd import (
@@ -46,6 +47,6 @@ __all__ = [
     "INITS", "ActorShards", "AssignBackend", "Bounds", "FaissCpuBackend", "FaissGpuBackend", "KMeansConfig", "KMeansResult",
     "LloydRun", "LocalShards", "Shard", "ShardWorker", "Shards", "TorchBackend", "assign", "bounded_assign", "cluster_sums",
     "file_groups", "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_on_shards", "kmeans_plus_plus",
-    "kmeans_single", "load_assignments", "moved_sums", "objective_from_sums", "probe_backend", "read_shard", "running_sums",
+    "kmeans_single", "load_assignments", "load_centroids", "moved_sums", "objective_from_sums", "probe_backend", "read_shard", "running_sums",
     "sample_keys", "update_centroids",
 ]

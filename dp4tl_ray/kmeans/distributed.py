@@ -8,7 +8,6 @@ the same as in one process. Results land next to the features in ``<store>/kmean
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import damaged, read_json, read_parquet, reading
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, read_rows
 from dp4tl_ray.kmeans.backends import probe_backend
@@ -27,6 +27,8 @@ from dp4tl_ray.kmeans.shards import Shard, Shards, kmeans_on_shards
 log = logging.getLogger(__name__)
 
 INLINE_BYTES = 100 << 10  # arrays up to this size ride inside the task (Ray's own inline limit); larger: one ray.put
+ASSIGN_SCHEMA = pa.schema([("id", pa.int64()), ("cluster", pa.int32()), ("sq_dist", pa.float32())])  # assign.parquet
+RESULT_KEYS = ("objective", "backend", "sizes", "seconds")  # what a reused kmeans.json must hold besides its inputs
 
 
 def read_shard(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -77,15 +79,19 @@ def _reusable(out_dir: Path, meta: dict) -> dict | None:
     path = out_dir / "kmeans.json"
     if not (path.is_file() and (out_dir / "centroids.npy").is_file() and (out_dir / "assign.parquet").is_file()):
         return None
-    stored = json.loads(path.read_text())
+    stored = read_json(path, result_fix(out_dir), RESULT_KEYS)
     return stored if all(stored.get(key) == value for key, value in meta.items()) else None
+
+
+def result_fix(out_dir: Path) -> str:
+    """What to do about a damaged k-means result directory."""
+    return f"delete {out_dir} and re-run k-means (`dp4tl kmeans` or the selection that ran it)"
 
 
 def _write_result(out_dir: Path, centroids: np.ndarray, ids: np.ndarray, labels: np.ndarray, sq: np.ndarray, doc: dict) -> None:
     with atomic.directory(out_dir) as tmp:
         np.save(tmp / "centroids.npy", centroids)
-        table = pa.table({"id": pa.array(ids, pa.int64()), "cluster": pa.array(labels, pa.int32()),
-                          "sq_dist": pa.array(sq, pa.float32())})
+        table = pa.table({"id": ids, "cluster": labels, "sq_dist": sq}, schema=ASSIGN_SCHEMA)
         pq.write_table(table, tmp / "assign.parquet")
         atomic.write_json(tmp / "kmeans.json", doc)
 
@@ -122,7 +128,7 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     stored = _reusable(out_dir, meta)
     if stored is not None:
         log.info("k-means result %s is up to date: reusing it", out_dir)
-        return KMeansResult(np.load(out_dir / "centroids.npy"), stored["objective"], stored["backend"],
+        return KMeansResult(load_centroids(out_dir, (cfg.k, d)), stored["objective"], stored["backend"],
                             np.asarray(stored["sizes"], np.int64), out_dir, stored["seconds"],
                             stored.get("phase_seconds", {}))
     files = store.files
@@ -166,9 +172,19 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     return KMeansResult(run.centroids, run.objective, backend, sizes, out_dir, time.perf_counter() - start, phases)
 
 
+def load_centroids(out_dir: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The ``float32[k, d]`` centroids of a finished run (of ``shape`` when given)."""
+    path, fix = Path(out_dir) / "centroids.npy", result_fix(Path(out_dir))
+    with reading(path, fix):
+        centroids = np.load(path, allow_pickle=False)
+    if centroids.ndim != 2 or (shape is not None and centroids.shape != shape):
+        raise damaged(path, f"holds an array of shape {centroids.shape}, expected {shape or '(k, d)'}", fix)
+    return centroids
+
+
 def load_assignments(out_dir: str | Path) -> pa.Table:
     """The per-row ``id, cluster, sq_dist`` table of a finished run (sorted by id)."""
     path = Path(out_dir) / "assign.parquet"
     if not path.is_file():
         raise UserError(f"no k-means assignments at {path}; run k-means on the FeatureStore first")
-    return pq.read_table(path)
+    return read_parquet(path, result_fix(Path(out_dir)), ASSIGN_SCHEMA.names)

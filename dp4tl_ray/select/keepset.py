@@ -7,7 +7,6 @@ On disk a directory holding ``keep.parquet`` (one column ``id:int64``, sorted, u
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import damaged, read_json, read_parquet
+from dp4tl_ray.config import record_from
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.select.voting import SelectionSummary
 
@@ -121,21 +122,15 @@ class KeepSet:
         ids_file, meta_file = path / IDS_FILE, path / META_FILE
         if not ids_file.is_file() or not meta_file.is_file():
             raise UserError(f"no keep-set at {path} ({IDS_FILE} + {META_FILE}); run `dp4tl select` first")
-        try:
-            meta = KeepSetMeta(**json.loads(meta_file.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise UserError(
-                f"keep-set {path} has an unreadable {META_FILE} ({e}); re-run `dp4tl select`"
-            ) from e
+        fix = f"delete {path} and re-run `dp4tl select`"
+        meta = record_from(KeepSetMeta, read_json(meta_file, fix), meta_file, fix)
         if atomic.sha256_file(ids_file) != meta.sha256:
             raise UserError(
-                f"keep-set {path} is corrupt or modified (sha256 mismatch); re-run `dp4tl select`"
+                f"keep-set {path}: {IDS_FILE} is corrupt or modified (sha256 mismatch); re-run `dp4tl select`"
             )
-        table = pq.read_table(ids_file)
-        if table.schema.names != ["id"] or table.schema.field("id").type != pa.int64():
-            raise UserError(
-                f"keep-set {path}: {IDS_FILE} must hold one column id:int64; re-run `dp4tl select`"
-            )
+        table = read_parquet(ids_file, fix, _SCHEMA)
+        if table.schema.names != ["id"]:
+            raise damaged(ids_file, "must hold one column id:int64", fix)
         ids = _checked_ids(
             table.column("id").to_numpy(), f"keep-set {path} ids", "; re-run `dp4tl select`"
         )

@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import read_json, read_parquet, reading
 from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import ImageSource, open_source
 from dp4tl_ray.errors import UserError
@@ -286,7 +287,7 @@ def el2n_checkpoints(source: ImageSource, spec: ModelSpec, decode: DecodeSpec, c
             raise UserError(f"source {source.path} has no image of class(es) {[source.classes[c] for c in missing[:5]]}; "
                             "remove their folders")
         paths.append(result.model_path)
-        seconds.append(json.loads(cost.read_text())["train_s"])
+        seconds.append(read_json(cost, f"delete {cost} and score again (its run is not redone)", ("train_s",))["train_s"])
     return paths, seconds
 
 
@@ -296,11 +297,13 @@ def load_scores(path: str | os.PathLike, score: str) -> Scores:
     file = path / SCORES_FILE if path.suffix != ".parquet" else path
     if not file.is_file():
         raise UserError(f"scores file {file} not found; drop --scores to compute them")
-    table = pq.read_table(file)
+    fix = f"delete {file} and select again (the scores are recomputed), or pass another --scores"
+    table = read_parquet(file, fix)
     if score not in table.column_names or "id" not in table.column_names:
         raise UserError(f"scores file {file} has no `id` and `{score}` columns (it has {table.column_names}); "
                         f"compute {score} scores or pass another file")
-    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    with reading(file, fix):
+        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
     return Scores(table.select(["id", score]).replace_schema_metadata(None), {**meta, "path": str(file)})
 
 

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from dp4tl_ray import atomic
+from dp4tl_ray.artifact_io import reading
+from dp4tl_ray.config import record_from
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import Surrogate, save_checkpoint
 from dp4tl_ray.train.pretrain_config import PretrainConfig
@@ -46,10 +49,16 @@ class TrainState:
 
     @classmethod
     def read(cls, directory: str | Path) -> TrainState:
-        return cls(**torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True))
+        """The state in ``directory``; a damaged ``state.pt`` is one line naming it (nothing is deleted)."""
+        path = Path(directory) / STATE_FILE
+        fix = f"delete {directory} and re-run: training resumes from the checkpoint before it (or pick another --name)"
+        with reading(path, fix):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        return record_from(cls, obj, path, fix)
 
     def write(self, directory: str | Path) -> None:
-        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, Path(directory) / STATE_FILE)
+        with atomic.file_path(Path(directory) / STATE_FILE) as tmp:
+            torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
 
 
 def resume_settings(cfg: PretrainConfig) -> dict[str, Any]:
