@@ -10,13 +10,21 @@ rotation, colour), background clutter and noise. Downstream tasks use a few doma
 points of the same boxes, so a surrogate trained on the source maps them onto the relevant
 domains' classes, and features learned there (and only there) transfer.
 
+The harder regime (``task_class_counts``, ``class_size_spread``, ``distractor_domains``,
+``shared_cue_weight``; off by default, and then every file is as before) makes the answer not built
+in: the task draws unequal numbers of classes from its domains, source classes differ in size,
+look-alike domains copy a task domain's shape, texture and palette but tell their classes apart by
+other cues, and non-cue parameters keep part of the class value so every domain helps a little.
+ground_truth.json then grades relevance per source class and lists the distractors.
+
 Layout written under ``root``::
 
     synth.json                                  config, counts, broken files
     source/train/<wnid>/<wnid>_<i>.JPEG         ImageNet train layout, wnids ``n%08d``
     source/domains.json                         domain -> wnids and class indices
     downstream/task_<t>/{train,test}/<class>/<class>_<i>.JPEG
-    downstream/task_<t>/ground_truth.json       relevant domains, wnids, class indices
+    downstream/task_<t>/ground_truth.json       relevant domains, wnids, class indices (harder regime:
+                                                relevance per wnid, distractor wnids)
 """
 
 from __future__ import annotations
