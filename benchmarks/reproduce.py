@@ -35,12 +35,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dp4tl_ray.cli import init_ray  # noqa: E402
 from dp4tl_ray.config import load_yaml  # noqa: E402
+from dp4tl_ray.featurestore import FeatureStore  # noqa: E402
 from dp4tl_ray.report import mean_std, ok_trials  # noqa: E402
 from dp4tl_ray.results import load_results  # noqa: E402
+from dp4tl_ray.select.keepset import KeepSet  # noqa: E402
 from dp4tl_ray.sweep import load_plan, run_sweep  # noqa: E402
 
 RATIO = 0.8
@@ -96,6 +100,26 @@ def p5v2_figure(records: list[dict]) -> dict:
             "fm_minus_reverse_0.8": _minus(at["fm"], at["fm-reverse"])}
 
 
+def relevance_kept(work: Path, task: str = "task_0") -> dict[str, dict[str, list[float]]]:
+    """What each keep-set of the sweep kept of the planted answer, averaged over seeds per method and ratio:
+    ``[relevance, distractors]`` - the share of the graded relevance mass (every source image weighted by
+    its class's relevance in ground_truth.json) and the share of distractor images it keeps."""
+    truth = json.loads((work / "data" / "downstream" / task / "ground_truth.json").read_text())
+    kept: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for meta in sorted(work.glob(f"keepsets/*/{task}/*/keepset.json")):
+        ks = KeepSet.load(meta.parent)
+        store = FeatureStore.open(ks.meta.source_features)
+        table = store.read(["id", "label"])
+        wnids = np.asarray(store.manifest["classes"])[table.column("label").to_numpy()]
+        rel = np.array([truth["relevance"][w] for w in wnids])
+        dis = np.isin(wnids, truth["distractor_wnids"])
+        mask = np.isin(table.column("id").to_numpy(), ks.ids)
+        kept.setdefault(ks.meta.method, {}).setdefault(f"{ks.meta.ratio:g}", []).append(
+            (rel[mask].sum() / rel.sum(), dis[mask].sum() / max(dis.sum(), 1)))
+    return {m: {r: [round(float(np.mean([v[i] for v in vals])), 3) for i in (0, 1)] for r, vals in sorted(by.items())}
+            for m, by in sorted(kept.items())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--v2", action="store_true", help="Figure P5 v2: the harder regime, 7 methods x 4 ratios x 3 seeds")
@@ -125,6 +149,8 @@ def main() -> int:
     fig["minutes"] = round((time.perf_counter() - t0) / 60, 1)
     fig["trials_ok"] = f"{summary['ok']}/{summary['trials']}"
     fig["plot"] = (summary.get("report") or {}).get("accuracy_lp.png")
+    if args.v2:
+        fig["relevance_and_distractors_kept"] = relevance_kept(plan.sweep.work)
     print(json.dumps(fig))
     return 0
 
