@@ -336,9 +336,10 @@ def _figure_by_method(rows: list[dict[str, Any]], y: str, ylabel: str, std: str 
             xs = [100 * r["ratio"] for r in pts]
             errs = [r[std] or 0.0 for r in pts] if std else None
             line = ax.errorbar(xs, [r[y] for r in pts], yerr=errs, marker="o", capsize=3, label=method)
-            if shaded:
-                ax.fill_between(xs, [r[band[0]] for r in pts], [r[band[1]] for r in pts],
-                                color=line[0].get_color(), alpha=0.15)
+            if shaded:  # a band along the curve, and a translucent bar at each point (seen even for one ratio)
+                lows, highs = [r[band[0]] for r in pts], [r[band[1]] for r in pts]
+                ax.fill_between(xs, lows, highs, color=line[0].get_color(), alpha=0.15)
+                ax.vlines(xs, lows, highs, color=line[0].get_color(), alpha=0.3, linewidth=6)
         ax.set(title=_group_title(group), xlabel="pruning ratio (% of units removed)", ylabel=ylabel)
         if from_zero:
             ax.set_ylim(bottom=0)

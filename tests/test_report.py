@@ -210,6 +210,11 @@ def test_accuracy_plot_shades_each_cells_interval():
     ys = [sorted({round(float(v), 6) for v in b.get_paths()[0].vertices[:, 1]}) for b in bands]
     expected = sorted(round(r[k], 6) for r in lm for k in ("ci95_low_pct", "ci95_high_pct"))
     assert expected in ys  # LM's band spans its cells' intervals, ratio by ratio
+    from matplotlib.collections import LineCollection
+
+    bars = [sorted(round(float(y), 6) for seg in c.get_segments() for y in seg[:, 1])
+            for c in ax.collections if isinstance(c, LineCollection)]
+    assert expected in bars  # and a bar per point, visible where a method has a single ratio
     dense = _row(acc, "dense", 0.0, metric="lp")
     spans = [(p.get_y(), p.get_y() + p.get_height()) for p in ax.patches]  # dense's interval: a horizontal span
     assert (dense["ci95_low_pct"], dense["ci95_high_pct"]) in [pytest.approx(s) for s in spans]
