@@ -2,7 +2,8 @@
 
 Everything but writing the files is pure: trials (dicts, read by ``dp4tl_ray.results``) in, flat
 summary rows out, and tables and figures drawn from those rows. A table covers one (mode, arch, surrogate, task) group;
-rows are methods (dense first), columns pruning ratios, cells mean ± std over seeds in percent.
+rows are methods (dense first), columns pruning ratios, cells mean ± std over seeds in percent with
+their 95% interval (``dp4tl_ray.intervals``: Student t over seeds, or Wilson in the test images for one seed).
 ``random-init`` (no pretraining at all: the floor any pretraining must beat) is a reference row like dense.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Iterable
 from dp4tl_ray import atomic
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.intervals import t_interval, wilson_interval
 from dp4tl_ray.results import DENSE, RANDOM_INIT, REFERENCES, RESULTS_FILE, load_results  # REFERENCES: rows without a ratio
 from dp4tl_ray.select.pipeline import METHODS
 
@@ -103,6 +105,17 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return _mean(values), (statistics.stdev(values) if len(values) >= 2 else None)
 
 
+def interval95(values_pct: list[float], test_images: int | None) -> tuple[float | None, float | None, str | None]:
+    """(low, high, kind) of a cell's 95% interval in percent: a t interval over seeds when there are two or
+    more values ("t"), a Wilson interval in the test images for one ("wilson"), else none."""
+    if len(values_pct) >= 2:
+        return (*t_interval(values_pct), "t")
+    if len(values_pct) == 1 and test_images:
+        lo, hi = wilson_interval(values_pct[0] / 100, test_images)
+        return 100 * lo, 100 * hi, "wilson"
+    return None, None, None
+
+
 def _group_fields(group: tuple) -> dict[str, Any]:
     return dict(zip(GROUP_KEYS, group))
 
@@ -118,13 +131,21 @@ def accuracy_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 vals = [100.0 * v for v in _values(ts, m.key)]
                 if vals:
                     mean, std = mean_std(vals)
+                    lo, hi, kind = interval95(vals, ts[0].get("test_images"))
                     rows.append({**_group_fields(group), "method": method, "ratio": ratio, "metric": m.name,
-                                 "mean_pct": mean, "std_pct": std, "n": len(vals)})
+                                 "mean_pct": mean, "std_pct": std, "n": len(vals),
+                                 "ci95_low_pct": lo, "ci95_high_pct": hi, "ci95": kind,
+                                 "test_images": ts[0].get("test_images")})
     return rows
 
 
-def format_cell(mean: float, std: float | None) -> str:
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+def format_cell(mean: float, std: float | None, ci: tuple[float | None, float | None] = (None, None)) -> str:
+    text = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+    return text if ci[0] is None else f"{text} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def _row_cell(r: dict[str, Any]) -> str:
+    return format_cell(r["mean_pct"], r["std_pct"], (r.get("ci95_low_pct"), r.get("ci95_high_pct")))
 
 
 def _pct(ratio: float) -> str:
@@ -153,13 +174,43 @@ def accuracy_table(rows: list[dict[str, Any]], group: tuple, metric: str) -> str
     for method in methods:
         if method in REFERENCES:
             d = next(r for r in mine if r["method"] == method)
-            cells = [format_cell(d["mean_pct"], d["std_pct"])] * len(ratios)
+            cells = [_row_cell(d)] * len(ratios)
         else:
-            cells = [format_cell(at[method, q]["mean_pct"], at[method, q]["std_pct"]) if (method, q) in at else "—"
-                     for q in ratios]
+            cells = [_row_cell(at[method, q]) if (method, q) in at else "—" for q in ratios]
         n = sorted({r["n"] for r in mine if r["method"] == method})
         body.append([method, *cells, "/".join(map(str, n))])
     return _markdown(["method \\ pruning ratio", *map(_pct, ratios), "seeds"], body)
+
+
+READING = ("Intervals in brackets are 95%: a Student t interval over seeds when a cell has two or more, else a "
+           "Wilson interval in the cell's test images, which counts only the test set's sampling and not the "
+           "run-to-run noise of training, so it understates the spread. Two cells differ beyond the noise when "
+           "their intervals do not overlap (a conservative check); overlapping intervals mean this run cannot "
+           "tell them apart, not that they are equal. Every figure holds for this data, model and recipe only.")
+
+
+def comparisons(rows: list[dict[str, Any]], group: tuple, metric: str, baseline: str = "random-class") -> list[str]:
+    """What one table supports: each pruned method against ``baseline`` at the same ratio and against dense,
+    said to differ only where the 95% intervals are disjoint."""
+    mine = [r for r in rows if _group_of(r) == group and r["metric"] == metric and r.get("ci95") is not None]
+    dense = next((r for r in mine if r["method"] == DENSE), None)
+    lines = []
+    for r in sorted((r for r in mine if r["method"] not in REFERENCES + (baseline,)),
+                    key=lambda r: (r["ratio"], _method_rank(r["method"]))):
+        ref = next((b for b in mine if b["method"] == baseline and b["ratio"] == r["ratio"]), None)
+        said = [_verdict(r, other, name) for name, other in ((baseline, ref), (DENSE, dense)) if other]
+        if said:
+            lines.append(f"- {r['method']} at {_pct(r['ratio'])} ({r['mean_pct']:.1f}): " + "; ".join(said))
+    return lines
+
+
+def _verdict(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
+    gap = f"{a['mean_pct'] - b['mean_pct']:+.1f} points vs {name}"
+    if a["ci95_low_pct"] > b["ci95_high_pct"]:
+        return f"{gap} (above, beyond the intervals)"
+    if a["ci95_high_pct"] < b["ci95_low_pct"]:
+        return f"{gap} (below, beyond the intervals)"
+    return f"{gap} (intervals overlap: not told apart)"
 
 
 # ---------------------------------------------------------------- time
@@ -261,33 +312,52 @@ def _save_png(fig, path: Path) -> Path:
 
 
 def _plot_by_method(path: Path, rows: list[dict[str, Any]], y: str, ylabel: str, std: str | None = None,
-                    from_zero: bool = False) -> Path:
-    """One panel per group: ``y`` against pruning ratio, a line per method, dense as a horizontal line."""
+                    from_zero: bool = False, band: tuple[str, str] | None = None) -> Path:
+    return _save_png(_figure_by_method(rows, y, ylabel, std, from_zero, band), path)
+
+
+def _figure_by_method(rows: list[dict[str, Any]], y: str, ylabel: str, std: str | None = None,
+                     from_zero: bool = False, band: tuple[str, str] | None = None):
+    """One panel per group: ``y`` against pruning ratio, a line per method, dense as a horizontal line;
+    ``std`` as error bars and the ``band`` (low, high) fields shaded, where the rows have them."""
     groups = list(dict.fromkeys(_group_of(r) for r in rows))
     fig, axes = _new_figure(len(groups))
     for ax, group in zip(axes, groups):
         mine = [r for r in rows if _group_of(r) == group and r[y] is not None]
         for method in sorted({r["method"] for r in mine}, key=_method_rank):
             pts = [r for r in mine if r["method"] == method]
+            shaded = band and all(r.get(band[0]) is not None for r in pts)
             if method in REFERENCES:
-                ax.axhline(pts[0][y], color="black" if method == DENSE else "grey",
-                           linestyle="--" if method == DENSE else ":", label=method)
+                colour = "black" if method == DENSE else "grey"
+                ax.axhline(pts[0][y], color=colour, linestyle="--" if method == DENSE else ":", label=method)
+                if shaded:
+                    ax.axhspan(pts[0][band[0]], pts[0][band[1]], color=colour, alpha=0.1)
                 continue
             xs = [100 * r["ratio"] for r in pts]
             errs = [r[std] or 0.0 for r in pts] if std else None
-            ax.errorbar(xs, [r[y] for r in pts], yerr=errs, marker="o", capsize=3, label=method)
+            line = ax.errorbar(xs, [r[y] for r in pts], yerr=errs, marker="o", capsize=3, label=method)
+            if shaded:  # a band along the curve, and a translucent bar at each point (seen even for one ratio)
+                lows, highs = [r[band[0]] for r in pts], [r[band[1]] for r in pts]
+                ax.fill_between(xs, lows, highs, color=line[0].get_color(), alpha=0.15)
+                ax.vlines(xs, lows, highs, color=line[0].get_color(), alpha=0.3, linewidth=6)
         ax.set(title=_group_title(group), xlabel="pruning ratio (% of units removed)", ylabel=ylabel)
         if from_zero:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save_png(fig, path)
+    return fig
+
+
+def accuracy_figure(rows: list[dict[str, Any]], metric: str):
+    """The accuracy plot of one metric: mean per method and ratio, ± std bars, its 95% interval shaded."""
+    title = next(m.title for m in METRICS if m.name == metric)
+    return _figure_by_method([r for r in rows if r["metric"] == metric], "mean_pct",
+                            title.split(":")[0] + " top-1 % (bars ± std, shaded 95% interval)",
+                            std="std_pct", band=("ci95_low_pct", "ci95_high_pct"))
 
 
 def plot_accuracy(path: Path, rows: list[dict[str, Any]], metric: str) -> Path:
-    title = next(m.title for m in METRICS if m.name == metric)
-    return _plot_by_method(path, [r for r in rows if r["metric"] == metric], "mean_pct", title.split(":")[0] + " top-1 %",
-                           std="std_pct")
+    return _save_png(accuracy_figure(rows, metric), path)
 
 
 def plot_time(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -318,13 +388,16 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
     parts = [f"# DP4TL sweep report{f': {source}' if source else ''}",
              f"{len(trials) - len(failed)} trial(s) ok, {len(failed)} failed (excluded from the tables). "
              "Cells: mean ± sample std (n-1) over seeds; a bare number is a single seed. "
-             "Pruning ratio: fraction of units (classes or clusters) removed."]
+             "Pruning ratio: fraction of units (classes or clusters) removed.", READING]
     for group in group_trials(trials):
         parts.append(f"## {_group_title(group)}")
         for m in METRICS:
             table = accuracy_table(acc, group, m.name)
             if table:
                 parts += [f"### {m.title}", table]
+                verdicts = comparisons(acc, group, m.name) if m.name in PLOTTED else []
+                if verdicts:
+                    parts.append("What this table supports (95% intervals):\n" + "\n".join(verdicts))
         table = time_table(times, group)
         if table:
             costs = cost_lines(times, group)
@@ -363,6 +436,6 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
 
 __all__ = [
-    "accuracy_rows", "time_rows", "accuracy_table", "time_table",
-    "cost_lines", "plot_accuracy", "plot_time", "report_markdown", "write_report",
+    "READING", "accuracy_rows", "comparisons", "interval95", "time_rows", "accuracy_table", "time_table",
+    "cost_lines", "accuracy_figure", "plot_accuracy", "plot_time", "report_markdown", "write_report",
 ]

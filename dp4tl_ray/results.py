@@ -26,7 +26,7 @@ REWRITE = f"re-run the same `dp4tl sweep` command: finished trials are kept and 
 RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "surrogate_mode", "mode", "arch", "task", "seed",
                "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max", "kept_units", "total_units", "kept_images",
                "total_images", "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker",
-               "use_gpu", "epoch", "loss")
+               "use_gpu", "epoch", "loss", "test_images")  # test_images: how many test images the accuracies are over
 
 
 def write_results(sweep_dir: str, records: list[dict[str, Any]]) -> str:

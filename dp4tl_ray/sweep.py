@@ -509,6 +509,7 @@ def _evaluations(plan: SweepPlan, shared: Shared, spec: TrialSpec, trial_id: str
                                    work / "evals" / f"{trial_id}-{mode}.json"))
         out[f"{mode}_acc"] = ev["test_acc"]
         out[f"{mode}_acc_test_max"] = ev["test_acc_max_over_epochs"]
+        out["test_images"] = ev["num_test"]  # the same test split in every mode: the report's interval needs it
     out["eval_s"] = round(time.perf_counter() - t0, 3)
     return out
 

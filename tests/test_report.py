@@ -10,7 +10,8 @@ import pytest
 
 from dp4tl_ray.cli import run
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.report import accuracy_rows, accuracy_table, report_markdown, time_rows, write_report
+from dp4tl_ray.report import (READING, accuracy_figure, accuracy_rows, accuracy_table, comparisons, interval95,
+                              report_markdown, time_rows, write_report)
 from dp4tl_ray.results import load_results, parse_results
 
 GROUP = ("supervised", "resnet18", "resnet18", "task_0")
@@ -60,10 +61,11 @@ def test_cells_are_mean_and_sample_std_over_seeds_in_percent(tmp_path):
     table = accuracy_table(acc, GROUP, "lp")
     lines = table.splitlines()
     assert lines[0] == "| method \\ pruning ratio | 50% | 80% | seeds |"
-    assert lines[2] == "| dense | 71.00 ± 1.41 | 71.00 ± 1.41 | 2 |"  # dense first, dense trials had no surrogate
-    assert lines[3] == "| lm | 72.50 ± 2.12 | 67.00 ± 1.41 | 2 |"
-    assert lines[4] == "| fm | 69.00 | — | 1 |"
-    assert "80.00 ± 1.41" in accuracy_table(acc, GROUP, "ff")
+    # dense first (dense trials had no surrogate); two seeds: a t interval (df 1) after mean ± std
+    assert lines[2] == "| dense | 71.00 ± 1.41 [58.3, 83.7] | 71.00 ± 1.41 [58.3, 83.7] | 2 |"
+    assert lines[3] == "| lm | 72.50 ± 2.12 [53.4, 91.6] | 67.00 ± 1.41 [54.3, 79.7] | 2 |"
+    assert lines[4] == "| fm | 69.00 | — | 1 |"  # one seed and no test-image count recorded: no interval
+    assert "80.00 ± 1.41 [67.3, 92.7]" in accuracy_table(acc, GROUP, "ff")
 
 
 def test_time_saved_counts_selection_against_dense_pretraining(tmp_path):
@@ -155,8 +157,64 @@ def test_report_command_prints_tables_and_paths(tmp_path, capsys):
     sweep = _sweep(tmp_path / "sweep")
     assert run(["report", str(sweep)]) == 0
     out = capsys.readouterr().out
-    assert "| lm | 72.50 ± 2.12 | 67.00 ± 1.41 | 2 |" in out and "time saved vs dense" in out
+    assert "| lm | 72.50 ± 2.12 [53.4, 91.6] | 67.00 ± 1.41 [54.3, 79.7] | 2 |" in out and "time saved vs dense" in out
     assert str(sweep / "report" / "accuracy_lp.png") in out
     assert run(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dp4tl: error:") and "run the sweep first" in err and "\n" not in err
+
+
+# ----- 95% intervals: in the rows, the table, the plot and what the report says may be concluded
+
+
+def _one_seed(lm, rc, dense, n):
+    """One seed of dense, LM and random-class at 80%, each scored on ``n`` test images."""
+    return [_trial("dense", 0.0, 0, dense, surrogate=None, test_images=n),
+            _trial("lm", 0.8, 0, lm, test_images=n), _trial("random-class", 0.8, 0, rc, surrogate=None, test_images=n)]
+
+
+def test_interval_is_t_over_seeds_or_wilson_in_the_test_images():
+    assert interval95([70.0, 72.0, 74.0], 100) == pytest.approx((72 - 4.3027 * 2 / 3 ** 0.5, 72 + 4.3027 * 2 / 3 ** 0.5, "t"))
+    lo, hi, kind = interval95([50.0], 100)
+    assert kind == "wilson" and (lo, hi) == pytest.approx((40.38, 59.62), abs=0.01)
+    assert interval95([50.0], None) == (None, None, None)  # a record without its test-image count
+    row = _row(accuracy_rows(_one_seed(0.62, 0.48, 0.64, 500)), "lm", 0.8, metric="lp")
+    assert (row["ci95"], row["test_images"]) == ("wilson", 500)
+    assert (row["ci95_low_pct"], row["ci95_high_pct"]) == pytest.approx((57.67, 66.15), abs=0.01)
+
+
+def test_report_says_which_differences_exceed_the_intervals():
+    # 500 test images: LM 14 points above random-class is beyond the intervals, 2 below dense is not.
+    trials = _one_seed(0.62, 0.48, 0.64, 500)
+    acc = accuracy_rows(trials)
+    assert comparisons(acc, GROUP, "lp") == [
+        "- lm at 80% (62.0): +14.0 points vs random-class (above, beyond the intervals); "
+        "-2.0 points vs dense (intervals overlap: not told apart)"]
+    # The same accuracies on 50 test images are not told apart from random-class.
+    assert "vs random-class (intervals overlap: not told apart)" in comparisons(accuracy_rows(_one_seed(0.62, 0.48, 0.64, 50)), GROUP, "lp")[0]
+    md = report_markdown(trials, acc, time_rows(trials))
+    assert READING in md and "not that they are equal" in md and "this data, model and recipe only" in md
+    assert "| lm | 62.00 [57.7, 66.1] |" in md
+    assert "What this table supports (95% intervals):\n- lm at 80% (62.0): +14.0 points vs random-class (above" in md
+
+
+def test_accuracy_plot_shades_each_cells_interval():
+    from matplotlib.collections import PolyCollection
+
+    trials = _one_seed(0.62, 0.48, 0.64, 500) + [_trial("lm", 0.5, 0, 0.66, test_images=500)]
+    acc = accuracy_rows(trials)
+    (ax,) = accuracy_figure(acc, "lp").axes
+    assert "95% interval" in ax.get_ylabel()
+    lm = [r for r in acc if r["method"] == "lm" and r["metric"] == "lp"]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    ys = [sorted({round(float(v), 6) for v in b.get_paths()[0].vertices[:, 1]}) for b in bands]
+    expected = sorted(round(r[k], 6) for r in lm for k in ("ci95_low_pct", "ci95_high_pct"))
+    assert expected in ys  # LM's band spans its cells' intervals, ratio by ratio
+    from matplotlib.collections import LineCollection
+
+    bars = [sorted(round(float(y), 6) for seg in c.get_segments() for y in seg[:, 1])
+            for c in ax.collections if isinstance(c, LineCollection)]
+    assert expected in bars  # and a bar per point, visible where a method has a single ratio
+    dense = _row(acc, "dense", 0.0, metric="lp")
+    spans = [(p.get_y(), p.get_y() + p.get_height()) for p in ax.patches]  # dense's interval: a horizontal span
+    assert (dense["ci95_low_pct"], dense["ci95_high_pct"]) in [pytest.approx(s) for s in spans]

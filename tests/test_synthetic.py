@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -29,6 +30,14 @@ def digests(root: Path) -> dict[str, str]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def test_original_regime_is_byte_identical_to_the_pinned_tree(tmp_path):
+    """The harder regime's fields at their defaults change nothing: this small dirty tree hashes as it did
+    before they existed (pinned stack: numpy, Pillow), synth.json included."""
+    tree = digests(generate(small(tmp_path / "a", dirty=True)).root)
+    assert hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest() == \
+        "3cd8605b786c23e64e6dc0f9e65e57009c79ea3ee4a6b187e7ff254564d83ab4"
 
 
 def test_same_seed_gives_byte_identical_trees(tmp_path):
@@ -121,6 +130,8 @@ def test_dirty_mode_plants_undecodable_files_named_like_images(tmp_path, monkeyp
     ("num_domains", 0), ("classes_per_domain", 0), ("images_per_class", 0), ("image_size", 7),
     ("image_size", 4096), ("tasks", -1), ("seed", -1), ("domains_per_task", 4),
     ("classes_per_task_domain", 4), ("train_per_class", 0), ("root", ""),
+    ("task_class_counts", (2,)), ("task_class_counts", (2, 4)), ("class_size_spread", -0.5),
+    ("distractor_domains", -1), ("shared_cue_weight", 1.0),
 ])
 def test_bad_config_raises_one_line_user_error(tmp_path, field, value):
     cfg = small(tmp_path / "d")
@@ -191,3 +202,77 @@ def test_domains_are_separable_by_colour_statistics(tmp_path):
     within = np.mean([np.linalg.norm(f - f.mean(0), axis=1).mean() for f in feats.values()])
     between = np.mean([np.linalg.norm(a - b) for i, a in enumerate(centroids) for b in centroids[i + 1:]])
     assert between > 2 * within
+
+
+# ----- the harder regime (P5 v2)
+
+HARDER = dict(num_domains=4, classes_per_domain=4, images_per_class=6, image_size=16, tasks=1, domains_per_task=3,
+              task_class_counts=(3, 2, 1), class_size_spread=1.0, distractor_domains=2, shared_cue_weight=0.3,
+              class_cues=2, train_per_class=2, test_per_class=2)
+
+
+def test_harder_regime_gives_unequal_class_sizes_and_counts_them(tmp_path):
+    summary = generate(small(tmp_path / "d", **HARDER, dirty=True))
+    classes = read_json(summary.root / "source" / "domains.json")["classes"]
+    on_disk = {w.name: len(list(w.glob("*.JPEG"))) for w in summary.source_dir.iterdir()}
+    broken = {Path(b).parent.name for b in summary.broken_files}
+    assert {c["wnid"]: c["images"] for c in classes if c["wnid"] not in broken} == \
+        {w: n for w, n in on_disk.items() if w not in broken}
+    sizes = [c["images"] for c in classes]
+    assert len(set(sizes)) >= 4 and min(sizes) >= 2 and max(sizes) >= 2 * min(sizes)
+    assert summary.num_images == sum(sizes) and summary.num_classes == (4 + 2) * 4
+    again = generate(small(tmp_path / "d", **HARDER, dirty=True))  # the list-valued field round-trips synth.json
+    assert again.num_images == summary.num_images
+
+
+def test_distractors_copy_a_task_domains_look_but_not_its_cues(tmp_path):
+    cfg = small(tmp_path / "d", **HARDER)
+    domains, source, tasks = synthetic._plan(cfg)
+    task_domains = {d.name: d for d in tasks[0].domains}
+    distractors = domains[cfg.num_domains:]
+    assert len(distractors) == 2 and all(d.lookalike_of in task_domains for d in distractors)
+    # The most relevant task domain (3 of the 6 task classes) is copied first.
+    assert distractors[0].lookalike_of == max(task_domains, key=lambda n: sum(c.domain.name == n for c in tasks[0].classes))
+    for d in distractors:
+        model = task_domains[d.lookalike_of]
+        assert (d.family, d.texture, d.freq, d.hue_spread) == (model.family, model.texture, model.freq, model.hue_spread)
+        assert d.primary[1:] == model.primary[1:] and d.secondary[1:] == model.secondary[1:]
+        hue_gap = min(abs(d.primary[0] - model.primary[0]), 1 - abs(d.primary[0] - model.primary[0]))
+        assert 0 < hue_gap < 0.5 / cfg.num_domains  # nearer the model's hue than any other domain's
+        assert not set(d.cues) & set(model.cues)  # it teaches other distinctions
+    assert len({c.name for c in source}) == len(source) == 24  # distractor wnids collide with none
+
+
+def test_ground_truth_grades_relevance_per_source_class(tmp_path):
+    summary = generate(small(tmp_path / "d", **HARDER))
+    truth = read_json(summary.task_dirs[0] / "ground_truth.json")
+    domains = {d["name"]: d for d in read_json(summary.root / "source" / "domains.json")["domains"]}
+    relevance = truth["relevance"]
+    assert set(relevance) == {p.name for p in summary.source_dir.iterdir()}
+    assert sorted(truth["domain_relevance"].values()) == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=1e-6)
+    for name, share in truth["domain_relevance"].items():
+        assert all(relevance[w] == pytest.approx(share) for w in domains[name]["wnids"])
+    assert truth["relevant_wnids"] == sorted(w for w, r in relevance.items() if r > 0)
+    lookalikes = sorted(w for d in domains.values() if d["lookalike_of"] for w in d["wnids"])
+    assert truth["distractor_wnids"] == lookalikes and all(relevance[w] == 0 for w in lookalikes)
+    assert sum(relevance.values()) == pytest.approx(4, abs=1e-5)  # each task domain's share, once per its 4 classes
+    assert sorted(len([c for c in truth["classes"] if c["domain"] == n]) for n in truth["domains"]) == [1, 2, 3]
+
+
+def test_shared_cue_weight_pulls_non_cue_parameters_towards_the_class_value(monkeypatch):
+    """Every image keeps the share w of its class's value of a non-cue parameter (here shape b, read where
+    the shape family is drawn); w = 0 is the free draw."""
+    draws = {}
+    for w in (0.0, 0.75):
+        monkeypatch.undo()
+        dom = next(d for d in synthetic._domains(4, class_cues=2, shared_cue_weight=w) if 1 not in d.cues)
+        cls = synthetic._Class("n00000001", dom, (0.5, 0.9, 0.5, 0.5, 0.5))
+        seen = []
+        monkeypatch.setitem(synthetic.FAMILIES, dom.family,
+                            lambda x, y, a, b, f=synthetic.FAMILIES[dom.family]: seen.append(b) or f(x, y, a, b))
+        for i in range(40):
+            synthetic._render(cls, np.random.default_rng(i), 16)
+        draws[w] = np.array(seen)
+    assert draws[0.75].min() >= 0.75 * 0.9 and draws[0.75].max() <= 0.75 * 0.9 + 0.25
+    assert draws[0.0].min() < 0.3 and draws[0.0].max() > 0.7  # free: spans the range
+    assert np.allclose(draws[0.75], 0.75 * 0.9 + 0.25 * draws[0.0])  # same stream, same draws

@@ -10,13 +10,21 @@ rotation, colour), background clutter and noise. Downstream tasks use a few doma
 points of the same boxes, so a surrogate trained on the source maps them onto the relevant
 domains' classes, and features learned there (and only there) transfer.
 
+The harder regime (``task_class_counts``, ``class_size_spread``, ``distractor_domains``,
+``shared_cue_weight``; off by default, and then every file is as before) makes the answer not built
+in: the task draws unequal numbers of classes from its domains, source classes differ in size,
+look-alike domains copy a task domain's shape, texture and palette but tell their classes apart by
+other cues, and non-cue parameters keep part of the class value so every domain helps a little.
+ground_truth.json then grades relevance per source class and lists the distractors.
+
 Layout written under ``root``::
 
     synth.json                                  config, counts, broken files
     source/train/<wnid>/<wnid>_<i>.JPEG         ImageNet train layout, wnids ``n%08d``
     source/domains.json                         domain -> wnids and class indices
     downstream/task_<t>/{train,test}/<class>/<class>_<i>.JPEG
-    downstream/task_<t>/ground_truth.json       relevant domains, wnids, class indices
+    downstream/task_<t>/ground_truth.json       relevant domains, wnids, class indices (harder regime:
+                                                relevance per wnid, distractor wnids)
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import io
 import itertools
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +52,7 @@ OBJECT_RADIUS = 0.55  # object radius as a fraction of the half image width
 MAX_IMAGE_SIZE = 512
 
 # Random streams, one tag per use, so that no two uses share numbers.
-_TAG_SOURCE, _TAG_DOWNSTREAM, _TAG_PARAMS, _TAG_WNIDS, _TAG_TASK, _TAG_BROKEN = range(6)
+_TAG_SOURCE, _TAG_DOWNSTREAM, _TAG_PARAMS, _TAG_WNIDS, _TAG_TASK, _TAG_BROKEN, _TAG_SIZES, _TAG_DISTRACTOR = range(8)
 
 Array = np.ndarray
 
@@ -167,6 +175,8 @@ class _Domain:
     freq: float
     hue_spread: float  # half-range of class hue offsets; images jitter by half of it
     cues: tuple[int, ...] = tuple(range(NUM_PARAMS))  # the class parameters that tell its classes apart
+    shared_cue_weight: float = 0.0  # how much of its class value a non-cue parameter keeps in every image
+    lookalike_of: str | None = None  # a distractor: the task domain it copies the look of
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,7 @@ class _Class:
     params: tuple[float, ...]  # NUM_PARAMS values in [0, 1]
 
 
-def _domains(n: int, class_cues: int = NUM_PARAMS) -> list[_Domain]:
+def _domains(n: int, class_cues: int = NUM_PARAMS, shared_cue_weight: float = 0.0) -> list[_Domain]:
     """Domains cycle through families, textures and palettes; hues are spread evenly; each takes its
     own ``class_cues``-subset of the class parameters as the cues (consecutive domains differ)."""
     families, textures = list(FAMILIES), list(TEXTURES)
@@ -194,9 +204,23 @@ def _domains(n: int, class_cues: int = NUM_PARAMS) -> list[_Domain]:
             index=d, name=f"d{d:02d}-{family}-{texture}", family=family, texture=texture,
             primary=(hue, *_PRIMARY_SV[d % len(_PRIMARY_SV)]), secondary=((hue + shift) % 1, s2, v2),
             freq=_BASE_FREQ[(d // 2) % len(_BASE_FREQ)], hue_spread=min(0.03, 0.3 / n),
-            cues=subsets[(d * step) % len(subsets)],
+            cues=subsets[(d * step) % len(subsets)], shared_cue_weight=shared_cue_weight,
         ))
     return out
+
+
+def _lookalike(model: _Domain, index: int, n: int) -> _Domain:
+    """A distractor domain: ``model``'s shape family, texture, frequency and palette with the hue moved a
+    quarter of the way to the next domain's (images of the two overlap in colour), but its classes told
+    apart by the cue subset that shares the fewest parameters with ``model``'s - it looks like the task
+    and teaches the wrong distinctions."""
+    subsets = itertools.combinations(range(NUM_PARAMS), len(model.cues))
+    cues = min(subsets, key=lambda c: len(set(c) & set(model.cues)))
+    shift = 0.25 / n
+    return replace(model, index=index, name=f"d{index:02d}-{model.family}-{model.texture}-lookalike",
+                   primary=((model.primary[0] + shift) % 1, *model.primary[1:]),
+                   secondary=((model.secondary[0] + shift) % 1, *model.secondary[1:]),
+                   cues=cues, lookalike_of=model.name)
 
 
 # ----- drawing -----
@@ -252,7 +276,10 @@ def _render(cls: _Class, rng: np.random.Generator, size: int) -> Array:
     """One image of ``cls`` as uint8 HxWx3; every random choice comes from ``rng``."""
     dom = cls.domain
     # Parameters that are not this domain's cues vary per image (no draws at all when every one is a cue).
-    shape_a, shape_b, freq_p, angle_p, hue_p = (p if j in dom.cues else rng.random() for j, p in enumerate(cls.params))
+    # With shared_cue_weight w > 0 they keep a share w of the class value (w = 0: exactly the free draw).
+    w = dom.shared_cue_weight
+    shape_a, shape_b, freq_p, angle_p, hue_p = (p if j in dom.cues else w * p + (1 - w) * rng.random()
+                                                for j, p in enumerate(cls.params))
     x, y = _grid(size)
 
     # Background: a smooth blend of two dull random colours, then clutter.
@@ -316,6 +343,17 @@ class SynthConfig:
     seed: int = 0
     dirty: bool = False
     class_cues: int = NUM_PARAMS  # class parameters (of 5) that tell a domain's classes apart; the rest vary per image
+    # The harder regime (P5 v2). At their defaults these reproduce the original data byte for byte.
+    task_class_counts: tuple[int, ...] = ()  # new downstream classes per chosen domain, e.g. (4, 3, 2, 1): the
+    #                                          task's relevance spread unevenly; () = classes_per_task_domain each
+    class_size_spread: float = 0.0  # source class k holds images_per_class * 2**u_k images, u_k uniform in +-spread
+    distractor_domains: int = 0  # extra source domains that look like the first task's domains (most relevant
+    #                              first) but tell their classes apart by other cues
+    shared_cue_weight: float = 0.0  # in [0, 1): share of its class value a non-cue parameter keeps per image, so
+    #                                 every domain teaches every attribute a little and other domains help a little
+
+    def __post_init__(self) -> None:
+        self.task_class_counts = tuple(int(c) for c in self.task_class_counts)  # YAML and JSON give lists
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""
@@ -333,6 +371,16 @@ class SynthConfig:
             raise UserError(f"synthetic seed must be >= 0 (got {self.seed})")
         if not 1 <= self.class_cues <= NUM_PARAMS:
             raise UserError(f"synthetic class_cues must be in [1, {NUM_PARAMS}] (got {self.class_cues})")
+        if self.task_class_counts and (len(self.task_class_counts) != self.domains_per_task or not all(
+                1 <= c <= self.classes_per_domain for c in self.task_class_counts)):
+            raise UserError(f"synthetic task_class_counts {list(self.task_class_counts)} must hold domains_per_task "
+                            f"({self.domains_per_task}) counts, each in [1, classes_per_domain={self.classes_per_domain}]")
+        if not 0 <= self.class_size_spread <= 3:
+            raise UserError(f"synthetic class_size_spread must be in [0, 3] (got {self.class_size_spread})")
+        if self.distractor_domains < 0:
+            raise UserError(f"synthetic distractor_domains must be >= 0 (got {self.distractor_domains})")
+        if not 0 <= self.shared_cue_weight < 1:
+            raise UserError(f"synthetic shared_cue_weight must be in [0, 1) (got {self.shared_cue_weight})")
         if self.domains_per_task > self.num_domains:
             raise UserError(f"synthetic domains_per_task ({self.domains_per_task}) must be <= "
                             f"num_domains ({self.num_domains})")
@@ -341,8 +389,24 @@ class SynthConfig:
                             f"<= classes_per_domain ({self.classes_per_domain})")
 
     def record(self) -> dict:
-        """The config as stored in synth.json: everything but ``root``, so a tree can move."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root"}
+        """The config as stored in synth.json: everything but ``root``, so a tree can move; the harder
+        regime's fields only when set, so trees of the original regime keep their synth.json."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root"
+               and (f.name not in _HARDER_FIELDS or self.harder())}
+        if "task_class_counts" in out:
+            out["task_class_counts"] = list(out["task_class_counts"])
+        return out
+
+    def harder(self) -> bool:
+        """Whether any field of the harder regime is set."""
+        return any(getattr(self, f.name) != f.default for f in fields(self) if f.name in _HARDER_FIELDS)
+
+    def task_counts(self) -> tuple[int, ...]:
+        """New downstream classes per chosen domain."""
+        return self.task_class_counts or (self.classes_per_task_domain,) * self.domains_per_task
+
+
+_HARDER_FIELDS = ("task_class_counts", "class_size_spread", "distractor_domains", "shared_cue_weight")
 
 
 @dataclass
@@ -378,8 +442,8 @@ def _class_params(seed: int, dom: _Domain, count: int) -> tuple[list[tuple], lis
 
 
 def _plan(cfg: SynthConfig) -> tuple[list[_Domain], list[_Class], list[_Task]]:
-    """Domains, source classes (domain-major) and downstream tasks, all from the seed."""
-    domains = _domains(cfg.num_domains, cfg.class_cues)
+    """Domains (distractors last), source classes (domain-major) and downstream tasks, all from the seed."""
+    domains = _domains(cfg.num_domains, cfg.class_cues, cfg.shared_cue_weight)
     n = cfg.num_domains * cfg.classes_per_domain
     wnid_rng = np.random.default_rng((cfg.seed, _TAG_WNIDS))
     numbers = 1_000_000 + wnid_rng.choice(15_000_000, size=n, replace=False)
@@ -391,10 +455,42 @@ def _plan(cfg: SynthConfig) -> tuple[list[_Domain], list[_Class], list[_Task]]:
         rng = np.random.default_rng((cfg.seed, _TAG_TASK, t))
         chosen = sorted(rng.choice(cfg.num_domains, size=cfg.domains_per_task, replace=False))
         classes = [_Class(f"{domains[d].name}-v{slot}", domains[d], params[d][1][slot])
-                   for d in chosen
-                   for slot in sorted(rng.permutation(cfg.classes_per_domain)[:cfg.classes_per_task_domain])]
+                   for d, count in zip(chosen, cfg.task_counts())
+                   for slot in sorted(rng.permutation(cfg.classes_per_domain)[:count])]
         tasks.append(_Task(f"task_{t}", [domains[d] for d in chosen], classes))
+    if cfg.distractor_domains:
+        domains, source = _add_distractors(cfg, domains, source, tasks)
     return domains, source, tasks
+
+
+def _add_distractors(cfg: SynthConfig, domains: list[_Domain], source: list[_Class],
+                     tasks: list[_Task]) -> tuple[list[_Domain], list[_Class]]:
+    """Append ``cfg.distractor_domains`` look-alikes of the first task's domains (the one with the most
+    task classes first, cycling; without tasks, of the first domains) and their classes, whose wnids are
+    drawn from their own stream among the numbers the others left free."""
+    if tasks:
+        share = {d.name: sum(c.domain is d for c in tasks[0].classes) for d in tasks[0].domains}
+        models = sorted(tasks[0].domains, key=lambda d: (-share[d.name], d.index))
+    else:
+        models = domains
+    extra = [_lookalike(models[j % len(models)], cfg.num_domains + j, cfg.num_domains)
+             for j in range(cfg.distractor_domains)]
+    taken = {int(c.name[1:]) - 1_000_000 for c in source}
+    rng = np.random.default_rng((cfg.seed, _TAG_DISTRACTOR))
+    free = iter(x for x in rng.choice(15_000_000, size=len(taken) + len(extra) * cfg.classes_per_domain,
+                                      replace=False) if x not in taken)
+    more = [_Class(f"n{1_000_000 + next(free):08d}", dom, params)
+            for dom in extra for params in _class_params(cfg.seed, dom, cfg.classes_per_domain)[0]]
+    return domains + extra, source + more
+
+
+def _class_sizes(cfg: SynthConfig, n: int) -> list[int]:
+    """Images per source class: all ``images_per_class``, or spread log-uniformly by ``class_size_spread``
+    (at least 2 each) from their own stream."""
+    if not cfg.class_size_spread:
+        return [cfg.images_per_class] * n
+    u = np.random.default_rng((cfg.seed, _TAG_SIZES)).uniform(-cfg.class_size_spread, cfg.class_size_spread, n)
+    return [max(2, int(round(cfg.images_per_class * 2.0 ** x))) for x in u]
 
 
 # ----- writing -----
@@ -407,7 +503,7 @@ def _write_images(folder: Path, cls: _Class, count: int, size: int, stream: tupl
         (folder / f"{folder.name}_{i}.JPEG").write_bytes(_jpeg(pixels))
 
 
-def _write_broken(train: Path, cfg: SynthConfig, source: list[_Class]) -> list[str]:
+def _write_broken(train: Path, cfg: SynthConfig, source: list[_Class], sizes: list[int]) -> list[str]:
     """A truncated JPEG, a zero-byte file and a text file, named like their class's images."""
     rng = np.random.default_rng((cfg.seed, _TAG_BROKEN))
     picks = rng.choice(len(source), size=min(3, len(source)), replace=False)
@@ -417,29 +513,48 @@ def _write_broken(train: Path, cfg: SynthConfig, source: list[_Class]) -> list[s
                 b"<html><body>404 Not Found</body></html>\n"]
     broken = []
     for k, payload in enumerate(payloads):
-        wnid = source[picks[k % len(picks)]].name
-        path = train / wnid / f"{wnid}_{cfg.images_per_class + k}.JPEG"
+        pick = picks[k % len(picks)]
+        wnid = source[pick].name
+        path = train / wnid / f"{wnid}_{sizes[pick] + k}.JPEG"
         path.write_bytes(payload)
         broken.append(path.relative_to(train.parent.parent).as_posix())
     return broken
 
 
+def _graded_relevance(task: _Task, source: list[_Class], domains: list[_Domain]) -> dict:
+    """Ground truth beyond a set: per source wnid the share of the task's classes drawn from its domain
+    (unequal across the task's domains, 0 elsewhere), and the distractors - classes of domains that copy a
+    task domain's look but have no task class."""
+    n = len(task.classes)
+    share = {dom.name: sum(c.domain is dom for c in task.classes) / n for dom in domains}
+    return {
+        "relevance": {c.name: round(share[c.domain.name], 6) for c in sorted(source, key=lambda c: c.name)},
+        "domain_relevance": {dom.name: round(share[dom.name], 6) for dom in task.domains},
+        "distractor_wnids": sorted(c.name for c in source if c.domain.lookalike_of in {d.name for d in task.domains}),
+    }
+
+
 def _write_tree(tmp: Path, cfg: SynthConfig) -> dict:
     """Write every file under ``tmp``; return the synth.json record."""
     domains, source, tasks = _plan(cfg)
+    sizes = _class_sizes(cfg, len(source))
     train = tmp / "source" / "train"
     for k, cls in enumerate(source):
-        _write_images(train / cls.name, cls, cfg.images_per_class, cfg.image_size, (cfg.seed, _TAG_SOURCE, k))
-    broken = _write_broken(train, cfg, source) if cfg.dirty else []
+        _write_images(train / cls.name, cls, sizes[k], cfg.image_size, (cfg.seed, _TAG_SOURCE, k))
+    broken = _write_broken(train, cfg, source, sizes) if cfg.dirty else []
 
     index = {name: i for i, name in enumerate(sorted(c.name for c in source))}
+    size_of = {c.name: size for c, size in zip(source, sizes)}
     wnids_of = {dom.name: [c.name for c in source if c.domain is dom] for dom in domains}
+    harder = cfg.harder()  # its extra keys only: the original regime's files stay byte for byte
     atomic.write_json(tmp / "source" / "domains.json", {
         "domains": [{"name": dom.name, "family": dom.family, "texture": dom.texture, "class_cues": list(dom.cues),
-                     "wnids": wnids_of[dom.name], "class_indices": [index[w] for w in wnids_of[dom.name]]}
+                     "wnids": wnids_of[dom.name], "class_indices": [index[w] for w in wnids_of[dom.name]],
+                     **({"lookalike_of": dom.lookalike_of} if harder else {})}
                     for dom in domains],
         "classes": [{"wnid": c.name, "index": index[c.name], "domain": c.domain.name,
-                     "params": list(c.params)} for c in sorted(source, key=lambda c: c.name)],
+                     "params": list(c.params), **({"images": size_of[c.name]} if harder else {})}
+                    for c in sorted(source, key=lambda c: c.name)],
     })
 
     splits = (("train", cfg.train_per_class), ("test", cfg.test_per_class))
@@ -450,6 +565,7 @@ def _write_tree(tmp: Path, cfg: SynthConfig) -> dict:
                 _write_images(task_dir / split / cls.name, cls, count, cfg.image_size,
                               (cfg.seed, _TAG_DOWNSTREAM, t, k, s))
         relevant = sorted(w for dom in task.domains for w in wnids_of[dom.name])
+        extra = _graded_relevance(task, source, domains) if harder else {}
         atomic.write_json(task_dir / "ground_truth.json", {
             "task": task.name,
             "domains": [dom.name for dom in task.domains],
@@ -458,11 +574,12 @@ def _write_tree(tmp: Path, cfg: SynthConfig) -> dict:
             "num_source_classes": len(source),
             "classes": [{"name": c.name, "domain": c.domain.name, "params": list(c.params)}
                         for c in task.classes],
+            **extra,
         })
 
     record = {
         "generator_version": GENERATOR_VERSION, "config": cfg.record(), "num_classes": len(source),
-        "num_images": len(source) * cfg.images_per_class, "broken_files": broken,
+        "num_images": sum(sizes), "broken_files": broken,
         "tasks": [task.name for task in tasks],
     }
     atomic.write_json(tmp / "synth.json", record)
