@@ -63,7 +63,7 @@ class _Batches(torch.utils.data.Dataset):
         else:
             images = np.stack([decode_image((self.index.root / self.index.paths[i]).read_bytes(), self.spec) for i in ids])
         batch = {"id": ids, "label": self.index.labels[ids], "image": images}
-        out = augment_batch(batch, mode=self.cfg.mode, size=self.cfg.image_size, scale=(self.cfg.crop_scale_min, 1.0))
+        out = augment_batch(batch, **self.cfg.augment_kwargs())
         return torch.from_numpy(out["image"]), torch.from_numpy(out["label"].astype(np.int64))
 
 

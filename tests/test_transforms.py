@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
@@ -163,3 +164,28 @@ def test_importing_the_augmentations_does_not_import_torch():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_shift_recipe_blurs_greys_and_tints_what_the_standard_recipe_leaves_sharp():
+    """The "shift" recipe (a surrogate for shifted downstream images) keeps the crop's shape and id/label,
+    and changes the pixels beyond the standard crop + flip: down-up sampling, blur, jitter, grayscale."""
+    from dp4tl_ray.data.transforms import shift_augment
+    from dp4tl_ray.errors import UserError
+    from dp4tl_ray.train.pretrain_config import PretrainConfig
+
+    rng = np.random.default_rng(0)
+    batch = {"id": np.arange(64), "label": np.arange(64) % 3, "image": rng.integers(0, 256, (64, 40, 40, 3), np.uint8)}
+    plain = supervised_augment(batch, 32, scale=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    shifted = shift_augment(batch, 32, scale=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    assert shifted["image"].shape == (64, 32, 32, 3) and shifted["image"].dtype == np.uint8
+    assert (shifted["id"] == batch["id"]).all() and (shifted["label"] == batch["label"]).all()
+    # noise images: blur and down-up sampling remove high-frequency energy; grayscale makes channels equal
+    def roughness(x):
+        return np.abs(np.diff(x.astype(np.float32), axis=2)).mean(axis=(1, 2, 3))
+    assert (roughness(shifted["image"]) < 0.8 * roughness(plain["image"])).mean() > 0.5
+    grey = (shifted["image"][..., 0] == shifted["image"][..., 1]).all(axis=(1, 2))
+    assert 0 < grey.sum() < 64
+    kwargs = PretrainConfig(source="-", out="-", augment="shift").augment_kwargs()
+    assert augment_batch(batch, **kwargs)["image"].shape[1:] == (224, 224, 3)
+    with pytest.raises(UserError, match="augment must be one of"):
+        PretrainConfig(source="-", out="-", augment="blur").validate()

@@ -37,6 +37,15 @@ MOCO_V2_BLUR_SIGMA = (0.1, 2.0)
 MOCO_V2_BLUR_P = 0.5
 BLUR_KERNEL_FRACTION = 0.1  # kernel ~10% of the crop side, made odd (SimCLR's choice)
 
+# The "shift" recipe (beyond the paper; benchmarks/real_shift.py): the supervised crop and flip, then
+# augmentations covering resolution and contrast shift, so a surrogate still recognises low-resolution,
+# blurred, grey or tinted downstream images (each p per image).
+SHIFT_DOWN_UP = (2.0, 5.0)  # down-sample by a factor drawn here, then back up (bilinear)
+SHIFT_DOWN_UP_P = 0.5
+SHIFT_BLUR_SIGMA = (0.1, 2.0)
+SHIFT_BLUR_P = 0.5
+RECIPES = ("standard", "shift")  # the supervised/adversarial augmentation; MoCo v2 keeps its own
+
 
 class _GaussianBlur:
     """Gaussian blur of a float CHW image, sigma uniform in ``sigma`` per call. Separable, so several
@@ -66,6 +75,39 @@ def _supervised_pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
     from torchvision.transforms import v2
 
     return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
+
+
+class _DownUp:
+    """Down-sample a float CHW image by a factor uniform in ``factors``, then back to its size."""
+
+    def __init__(self, factors: tuple[float, float]):
+        self.factors = factors
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        side = max(2, int(img.shape[-1] / float(torch.empty(1).uniform_(*self.factors))))
+        small = F.interpolate(img[None], size=side, mode="bilinear", antialias=True)
+        return F.interpolate(small, size=img.shape[-2:], mode="bilinear")[0]
+
+
+@lru_cache(maxsize=None)
+def _shift_pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
+    import torch
+    from torchvision.transforms import v2
+
+    kernel = int(BLUR_KERNEL_FRACTION * size) // 2 * 2 + 1
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=scale, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([_DownUp(SHIFT_DOWN_UP)], p=SHIFT_DOWN_UP_P),
+        v2.RandomApply([_GaussianBlur(max(kernel, 3), SHIFT_BLUR_SIGMA)], p=SHIFT_BLUR_P),
+        v2.RandomApply([v2.ColorJitter(*MOCO_V2_JITTER)], p=MOCO_V2_JITTER_P),
+        v2.RandomGrayscale(p=MOCO_V2_GRAYSCALE_P),
+        v2.Lambda(_to_uint8),
+    ])
 
 
 @lru_cache(maxsize=None)
@@ -116,17 +158,29 @@ def moco_v2_augment(batch: dict[str, np.ndarray], size: int, generator: torch.Ge
     return {**{c: v for c, v in batch.items() if c != "image"}, "q": q, "k": k}
 
 
-def augment_batch(batch: dict[str, np.ndarray], *, mode: str, size: int, scale: tuple[float, float]) -> dict[str, np.ndarray]:
+def shift_augment(batch: dict[str, np.ndarray], size: int, scale: tuple[float, float] = SUPERVISED_CROP_SCALE,
+                  generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """The supervised crop and flip, then down-up sampling, blur, colour jitter and grayscale (the "shift" recipe)."""
+    (image,) = _views(batch["image"], _shift_pipeline(size, tuple(scale)), size, 1, generator)
+    return {**batch, "image": image}
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, mode: str, size: int, scale: tuple[float, float],
+                  recipe: str = "standard") -> dict[str, np.ndarray]:
     """A pretraining mode's augmentation of a decoded batch (fresh random draws every call): the Ray
     Data stage's UDF on the streamed path, called by the worker itself on a cached keep-set.
-    ``moco_v2``: two MoCo v2 views; the other modes: RandomResizedCrop(``size``, ``scale``) + flip."""
+    ``moco_v2``: two MoCo v2 views; the other modes: RandomResizedCrop(``size``, ``scale``) + flip,
+    with ``recipe="shift"`` followed by the shift-covering augmentations."""
     if mode == "moco_v2":
         return moco_v2_augment(batch, size)
+    if recipe == "shift":
+        return shift_augment(batch, size, scale=scale)
     return supervised_augment(batch, size, scale=scale)
 
 
 __all__ = [
     "BLUR_KERNEL_FRACTION", "MOCO_V2_BLUR_P", "MOCO_V2_BLUR_SIGMA", "MOCO_V2_CROP_SCALE", "MOCO_V2_GRAYSCALE_P",
-    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "SUPERVISED_CROP_SCALE", "augment_batch", "finetune_augment", "moco_v2_augment",
+    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "RECIPES", "SUPERVISED_CROP_SCALE", "augment_batch", "finetune_augment",
+    "moco_v2_augment", "shift_augment",
     "supervised_augment",
 ]

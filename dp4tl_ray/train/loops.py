@@ -201,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
         if not held:
             held.append(MemoryShard.from_batches(shard.iter_batches(batch_size=cfg.rows_per_block, batch_format="numpy")))
-        augment = functools.partial(augment_batch, mode=cfg.mode, size=cfg.image_size, scale=(cfg.crop_scale_min, 1.0))
+        augment = functools.partial(augment_batch, **cfg.augment_kwargs())
         return held[0].epoch(epoch, batch_size=cfg.batch_size, drop_last=drop_last, seed=cfg.seed, rank=rank,
                              augment=augment, device=device)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dp4tl_ray.data.transforms import RECIPES
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.train.moco import MOCO_DIM, MOCO_K, MOCO_M, MOCO_T
 
@@ -29,6 +30,10 @@ class PretrainConfig:
     image_size: int = 224
     resize_size: int | None = None  # shorter side after decode (image kept whole for the random crop); default image_size * 8/7
     crop_scale_min: float = 0.08  # RandomResizedCrop lower scale (MoCo v2 uses 0.2)
+    # supervised/adversarial augmentation: "standard" (crop + flip) or "shift" (then down-up sampling, blur,
+    # colour jitter, grayscale: a surrogate for shifted downstream images, see README "When the downstream
+    # images are shifted"); MoCo v2 keeps its own
+    augment: str = "standard"
     epochs: int = 90
     batch_size: int = 256  # per worker
     lr: float = 0.1
@@ -57,6 +62,10 @@ class PretrainConfig:
     adv_steps: int = 3
     adv_norm: str = "linf"
 
+    def augment_kwargs(self) -> dict:
+        """The keyword arguments of ``data.transforms.augment_batch`` for this run (streamed and cached paths alike)."""
+        return {"mode": self.mode, "size": self.image_size, "scale": (self.crop_scale_min, 1.0), "recipe": self.augment}
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
@@ -71,6 +80,8 @@ class PretrainConfig:
             raise UserError(f"max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
         if not 0 < self.crop_scale_min <= 1:
             raise UserError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.augment not in RECIPES:
+            raise UserError(f"augment must be one of {', '.join(RECIPES)}, got {self.augment!r}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if self.cache_decoded not in ("auto", "true", "false"):

@@ -75,8 +75,7 @@ def augmented_dataset(decoded, cfg: PretrainConfig):
     """The per-mode augmentation stage over decoded rows (Ray Data CPU tasks, fresh draws each epoch)."""
     from dp4tl_ray.data.transforms import augment_batch
 
-    kwargs = {"mode": cfg.mode, "size": cfg.image_size, "scale": (cfg.crop_scale_min, 1.0)}
-    return decoded.map_batches(augment_batch, fn_kwargs=kwargs, batch_size=cfg.rows_per_block, num_cpus=1)
+    return decoded.map_batches(augment_batch, fn_kwargs=cfg.augment_kwargs(), batch_size=cfg.rows_per_block, num_cpus=1)
 
 
 def training_dataset(cfg: PretrainConfig):
