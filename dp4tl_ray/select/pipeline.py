@@ -171,9 +171,22 @@ def _scores_cache(cfg: SelectConfig, source: FeatureStore) -> Path:
     return source.path / f"scores-e{cfg.score_epochs}-s{'_'.join(map(str, cfg.score_seeds))}"
 
 
+SCORES_COST_FILE, SCORES_COST_KEY = "scores.json", "scores_seconds"  # beside scores.parquet: what the scores cost
+
+
+def recorded_scores_seconds(file: Path) -> float | None:
+    """The scores' own cost (models + scoring) as recorded in ``scores.json`` beside ``file``, else None."""
+    cost = file.parent / SCORES_COST_FILE
+    if not cost.is_file():
+        return None
+    value = json.loads(cost.read_text()).get(SCORES_COST_KEY)
+    return None if value is None else float(value)
+
+
 def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]):
     """``id, el2n, grand`` per source row: read from :func:`_scores_file`, else computed once and cached
-    there; the seconds this took go to ``spent``."""
+    there. ``spent["scores_s"]`` is what the scores cost: their recorded seconds (every keep-set that uses
+    them counts them), else the seconds this call took; ``spent["scores_reused"]`` 1 when they existed."""
     import pyarrow.parquet as pq
 
     from dp4tl_ray.data.decode import DecodeSpec
@@ -182,6 +195,7 @@ def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, floa
 
     t0 = time.perf_counter()
     file = _scores_file(cfg, source)
+    spent["scores_reused"] = float(file.is_file())
     if file.is_file():
         table = pq.read_table(file)
     elif cfg.scores:
@@ -191,7 +205,9 @@ def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, floa
         spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
         table = compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), epochs=cfg.score_epochs,
                                seeds=tuple(cfg.score_seeds), out=_scores_cache(cfg, source))
-    spent["scores_s"] = time.perf_counter() - t0
+    spent["scores_wall_s"] = time.perf_counter() - t0
+    recorded = recorded_scores_seconds(file)
+    spent["scores_s"] = recorded if recorded is not None else spent["scores_wall_s"]
     return table
 
 
@@ -289,8 +305,10 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
     when it was selected from the same inputs.
 
     ``meta.extra["costs"]`` records the selection's seconds: ``kmeans_s`` (the k-means run's own, also
-    when k-means reused its result), ``scores_s`` (computing or reading EL2N/GraNd scores) and ``select_s``
-    (the rest); ``reused`` is true when this call returned an earlier selection with its original costs.
+    when k-means reused its result), ``scores_s`` (EL2N/GraNd: the scores' own recorded cost,
+    ``scores_seconds`` in ``scores.json`` beside ``scores.parquet``, also when they were computed
+    earlier, ``scores_reused``; else the seconds spent here) and ``select_s`` (the rest); ``reused`` is
+    true when this call returned an earlier selection with its original costs.
     """
     cfg.validate()
     source = FeatureStore.open(cfg.source_features)
@@ -302,9 +320,10 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
     spent: dict[str, float] = {}
     select = _unit_selection if cfg.method in UNIT_METHODS else _baseline_selection
     ids, meta = select(cfg, source, spent)
-    own_s = time.perf_counter() - t0 - spent.get("kmeans_wall_s", 0.0) - spent.get("scores_s", 0.0)
+    own_s = time.perf_counter() - t0 - spent.get("kmeans_wall_s", 0.0) - spent.get("scores_wall_s", 0.0)
     costs = {"select_s": own_s, "kmeans_s": spent.get("kmeans_s", 0.0), "scores_s": spent.get("scores_s", 0.0)}
-    meta.extra.update(select_key=key, costs={**{k: round(v, 3) for k, v in costs.items()}, "reused": False})
+    meta.extra.update(select_key=key, costs={**{k: round(v, 3) for k, v in costs.items()}, "reused": False,
+                                             "scores_reused": bool(spent.get("scores_reused"))})
     keepset = KeepSet(ids, meta)
     keepset.write(cfg.out)
     return keepset
