@@ -10,9 +10,10 @@ P4: the speed-up of pretraining on keep-sets that prune 50 and 80% of the source
     whole pipeline. A keep-set is what the sweep makes: a surrogate trained on the source, the source
     and a downstream task extracted with it, LM selection (the paper's rule). As in the paper (a
     ResNet-18 surrogate prunes the source of a larger pretrained net) the surrogate is ``resnet18``
-    and the pretrained net ``resnet50``; the surrogate also trains at half the image size and for one
-    epoch (``--surrogate-size``, ``--surrogate-epochs``): a surrogate only has to rank source classes
-    by downstream votes, not to be a good backbone. Dense and pruned runs share one data path, the
+    and the pretrained net ``resnet50``; the surrogate also trains and extracts at a quarter of the
+    image size (16 vs 64 px) and for one epoch (``--surrogate-size``, ``--surrogate-epochs``): a
+    surrogate only has to rank source classes by downstream votes, not to be a good backbone, and its
+    share of the dense cost (``surrogate_share``) is reported. Dense and pruned runs share one data path, the
     decode cache decided once from the dense size (``same_path``). Two speed-ups at 80%:
     ``speedup_0.8`` of the steady epochs (median of epochs 2..E; epoch 1 also pays the one-off start of
     Ray Data's processes, ``cold_start_s``), and ``end_to_end_speedup_0.8``: dense pretraining (the
@@ -180,12 +181,12 @@ def p3_figure(args, work: Path, threads: int) -> dict:
 def p4_figure(args, work: Path, threads: int) -> dict:
     """P4: LM keep-sets made as a sweep makes them, then dense, 50% and 80% pretraining on one data path."""
     synth = generate(SynthConfig(root=str(work / "p4"), num_domains=max(1, args.p4_classes // 5), classes_per_domain=5,
-                                 images_per_class=args.p4_images_per_class, image_size=args.size, tasks=1,
+                                 images_per_class=args.p4_images_per_class, image_size=args.p4_size, tasks=1,
                                  domains_per_task=1, classes_per_task_domain=5, train_per_class=20, test_per_class=5))
     index = scan_image_folder(synth.source_dir)
     paths, stage_s = keepsets(args, synth, work, threads)
-    cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), arch=args.arch, image_size=args.size,
-                         resize_size=args.size, crop_scale_min=0.5, epochs=args.p4_epochs, batch_size=args.batch_size,
+    cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), arch=args.arch, image_size=args.p4_size,
+                         resize_size=args.p4_size, crop_scale_min=0.5, epochs=args.p4_epochs, batch_size=args.batch_size,
                          lr=0.05, cpus_per_worker=threads, shuffle_buffer=0, use_gpu=args.gpu)
     # One data path for the sweep's runs, decided from the dense size (as the sweep does).
     cache = "true" if use_decode_cache(cfg, len(index)) else "false"
@@ -209,7 +210,7 @@ def p4_figure(args, work: Path, threads: int) -> dict:
         "speedup_0.5": round(steady[0.0] / steady[0.5], 2), "speedup_0.8": round(steady[0.0] / steady[0.8], 2),
         "end_to_end_speedup_0.5": round(end_to_end[0.5], 2), "end_to_end_speedup_0.8": round(end_to_end[0.8], 2),
         "same_path": len({r.cached for r, _, _ in runs.values()}) == 1, "cached_decode": runs[0.0][0].cached,
-        "source_images": len(index), "source_classes": len(index.classes), "arch": args.arch, "size": args.size,
+        "source_images": len(index), "source_classes": len(index.classes), "arch": args.arch, "size": args.p4_size,
         "surrogate": {"arch": args.surrogate_arch, "size": args.surrogate_size, "epochs": args.surrogate_epochs},
         "method": "lm",
         "kept_images_0.5": round(runs[0.5][0].images / len(index), 3),
@@ -220,6 +221,7 @@ def p4_figure(args, work: Path, threads: int) -> dict:
         "cpu_speedup_0.5": round(steady_cpu[0.0] / steady_cpu[0.5], 2),
         "cpu_speedup_0.8": round(steady_cpu[0.0] / steady_cpu[0.8], 2),
         "stage_s": {k: round(v, 2) for k, v in stage_s.items()},
+        "surrogate_share": round(stage_s["surrogate_s"] / total_s[0.0], 3),
         "keepset_s": {str(k): round(v, 2) for k, v in keepset_s.items()},
         "pretrain_total_s": {str(k): round(v, 2) for k, v in total_s.items()},
         "steady_epoch_s": {str(k): round(v, 3) for k, v in steady.items()},
@@ -240,11 +242,12 @@ def main() -> None:
     ap.add_argument("--p3-arch", default="resnet18")
     ap.add_argument("--epochs", type=int, default=4, help="P3 epochs")
     ap.add_argument("--p4-classes", type=int, default=20)
-    ap.add_argument("--p4-images-per-class", type=int, default=200)
-    ap.add_argument("--p4-epochs", type=int, default=6)
+    ap.add_argument("--p4-images-per-class", type=int, default=96, help="20 x 96: 30 batches of 64, 6 at 80%%")
+    ap.add_argument("--p4-size", type=int, default=64, help="P4's pretraining image size")
+    ap.add_argument("--p4-epochs", type=int, default=4)
     ap.add_argument("--arch", default="resnet50", help="P4's pretrained net")
     ap.add_argument("--surrogate-arch", default="resnet18")
-    ap.add_argument("--surrogate-size", type=int, default=16)
+    ap.add_argument("--surrogate-size", type=int, default=16, help="the surrogate's image size (training and extraction)")
     ap.add_argument("--surrogate-epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)

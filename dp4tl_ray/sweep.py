@@ -490,10 +490,10 @@ def _sweep_data_paths(plan: SweepPlan, dense_images: int) -> dict[str, bool]:
     import ray
 
     path = plan.sweep.work / "data_path.json"
-    if path.is_file():
-        return json.loads(path.read_text())["cache_decoded"]
-    decided = data_paths(plan, dense_images, float(ray.cluster_resources().get("object_store_memory", 0)))
-    atomic.write_json(path, {"cache_decoded": decided, "dense_images": dense_images})
+    decided = json.loads(path.read_text())["cache_decoded"] if path.is_file() else {}
+    if set(plan.sweep.modes) - set(decided):
+        decided = {**data_paths(plan, dense_images, float(ray.cluster_resources().get("object_store_memory", 0))), **decided}
+        atomic.write_json(path, {"cache_decoded": decided, "dense_images": dense_images})
     return decided
 
 
