@@ -5,7 +5,7 @@ P3: images/s of the Ray Train supervised loop (1 worker) vs a plain PyTorch loop
     with as many worker processes as Ray has CPUs left for data. When the Ray run caches the
     decoded keep-set (``cache_decoded``), the plain loop decodes once into memory too; when it
     streams, the plain loop decodes every epoch. Median over epochs 2..E; the plain loop runs
-    before and after the Ray runs (the machine may be shared) and both are reported.
+    before and after the Ray run (the machine may be shared) and both are reported.
 P4: the speed-up of pretraining on keep-sets that prune 50 and 80% of the source classes, and of the
     whole pipeline. A keep-set is what the sweep makes: a surrogate trained on the source, the source
     and a downstream task extracted with it, LM selection (the paper's rule). As in the paper (a
@@ -20,7 +20,9 @@ P4: the speed-up of pretraining on keep-sets that prune 50 and 80% of the source
     whole ``pretrain()`` call: Train start-up, decode cache, epochs, teardown) against surrogate
     training + both extractions + selection + pruned pretraining, each the wall time of its call.
     The source size at which these hold is in the line (``source_images``): fixed start-ups weigh
-    less the larger the source, so the end-to-end figure grows with it.
+    less the larger the source, so the end-to-end figure grows with it. Each run's Train start-up
+    (``pretrain()`` called -> first epoch, decode cache excluded), decode cache and the rest
+    (checkpoints, teardown) are reported separately.
 On a shared machine wall times follow the load; both figures also give a CPU-time cross-check
 (``cpu_ratio``, ``cpu_speedup_*``): the training process's CPU seconds per epoch.
 Prints two JSON lines.
@@ -124,7 +126,7 @@ def keepsets(args, synth, work: Path, threads: int) -> tuple[dict[float, str], d
     from dp4tl_ray.select.pipeline import SelectConfig, select_keepset
 
     size = args.surrogate_size
-    surrogate, costs = {}, {}
+    costs: dict[str, float] = {}
     surrogate_cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), name="surrogate", arch=args.surrogate_arch,
                                    image_size=size, resize_size=size, crop_scale_min=0.5, epochs=args.surrogate_epochs,
                                    batch_size=args.batch_size, lr=0.05, cpus_per_worker=threads, shuffle_buffer=0)
@@ -244,7 +246,7 @@ def main() -> None:
     ap.add_argument("--p4-classes", type=int, default=20)
     ap.add_argument("--p4-images-per-class", type=int, default=96, help="20 x 96: 30 batches of 64, 6 at 80%%")
     ap.add_argument("--p4-size", type=int, default=64, help="P4's pretraining image size")
-    ap.add_argument("--p4-epochs", type=int, default=4)
+    ap.add_argument("--p4-epochs", type=int, default=10)
     ap.add_argument("--arch", default="resnet50", help="P4's pretrained net")
     ap.add_argument("--surrogate-arch", default="resnet18")
     ap.add_argument("--surrogate-size", type=int, default=16, help="the surrogate's image size (training and extraction)")
