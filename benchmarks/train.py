@@ -5,14 +5,24 @@ P3: images/s of the Ray Train supervised loop (1 worker) vs a plain PyTorch loop
     with as many worker processes as Ray has CPUs left for data. When the Ray run caches the
     decoded keep-set (``cache_decoded``), the plain loop decodes once into memory too; when it
     streams, the plain loop decodes every epoch. Median over epochs 2..E; the plain loop runs
-    before and after the Ray runs (the machine may be shared) and both are reported.
-P4: time of the epochs themselves when pretraining on keep-sets that prune 0, 50 and 80% of the
-    classes (random classes, same epochs and per-worker batch). The headline speed-up is of the
-    steady epochs (median of epochs 2..E): epoch 1 also pays the one-off start of Ray Data's
-    processes (their imports), reported as ``cold_start_s``; the speed-up over all epochs as
-    measured is reported beside it. The fixed start-up of a Train run (``pretrain()`` called ->
-    first epoch starts, decode cache excluded), the decode cache and the rest (checkpoints,
-    teardown) are reported separately.
+    before and after the Ray run (the machine may be shared) and both are reported.
+P4: the speed-up of pretraining on keep-sets that prune 50 and 80% of the source classes, and of the
+    whole pipeline. A keep-set is what the sweep makes: a surrogate trained on the source, the source
+    and a downstream task extracted with it, LM selection (the paper's rule). As in the paper (a
+    ResNet-18 surrogate prunes the source of a larger pretrained net) the surrogate is ``resnet18``
+    and the pretrained net ``resnet50``; the surrogate also trains and extracts at a quarter of the
+    image size (16 vs 64 px) and for one epoch (``--surrogate-size``, ``--surrogate-epochs``): a
+    surrogate only has to rank source classes by downstream votes, not to be a good backbone, and its
+    share of the dense cost (``surrogate_share``) is reported. Dense and pruned runs share one data path, the
+    decode cache decided once from the dense size (``same_path``). Two speed-ups at 80%:
+    ``speedup_0.8`` of the steady epochs (median of epochs 2..E; epoch 1 also pays the one-off start of
+    Ray Data's processes, ``cold_start_s``), and ``end_to_end_speedup_0.8``: dense pretraining (the
+    whole ``pretrain()`` call: Train start-up, decode cache, epochs, teardown) against surrogate
+    training + both extractions + selection + pruned pretraining, each the wall time of its call.
+    The source size at which these hold is in the line (``source_images``): fixed start-ups weigh
+    less the larger the source, so the end-to-end figure grows with it. Each run's Train start-up
+    (``pretrain()`` called -> first epoch, decode cache excluded), decode cache and the rest
+    (checkpoints, teardown) are reported separately.
 On a shared machine wall times follow the load; both figures also give a CPU-time cross-check
 (``cpu_ratio``, ``cpu_speedup_*``): the training process's CPU seconds per epoch.
 Prints two JSON lines.
@@ -40,8 +50,6 @@ from dp4tl_ray.data.imagefolder import scan_image_folder  # noqa: E402
 from dp4tl_ray.data.synthetic import SynthConfig, generate  # noqa: E402
 from dp4tl_ray.data.transforms import augment_batch  # noqa: E402
 from dp4tl_ray.models import ModelSpec, build_model, to_model_input  # noqa: E402
-from dp4tl_ray.select.baselines import random_by_class  # noqa: E402
-from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta  # noqa: E402
 from dp4tl_ray.train.trainer import PretrainConfig, pretrain, use_decode_cache  # noqa: E402
 
 
@@ -104,25 +112,149 @@ def plain_images_per_s(index, cfg: PretrainConfig, threads: int, data_workers: i
     return {"img_s": rates, "img_per_cpu_s": per_cpu_s, "cache_s": cache_s, "load": os.getloadavg()[0]}
 
 
-def keepset_for_ratio(index, ratio: float, path: Path) -> str:
-    ids = random_by_class(index.labels, np.arange(len(index)), ratio, seed=0)
-    meta = KeepSetMeta(method="random-class", ratio=ratio, units_kept=len(np.unique(index.labels[ids])),
-                       units_total=len(index.classes), votes_per_unit=[], images_kept=len(ids), images_total=len(index),
-                       surrogate="none", source_fingerprint=index.fingerprint, downstream=[], seed=0)
-    KeepSet(ids, meta).write(path)
-    return str(path)
+def _timed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and the wall seconds of the call."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def keepsets(args, synth, work: Path, threads: int) -> tuple[dict[float, str], dict[str, float]]:
+    """LM keep-sets at 50 and 80% as a sweep makes them, and the wall seconds of each stage: the
+    surrogate's training, the extraction of the source and of the task, each ratio's selection."""
+    from dp4tl_ray.features import ExtractConfig, extract_features
+    from dp4tl_ray.select.pipeline import SelectConfig, select_keepset
+
+    size = args.surrogate_size
+    costs: dict[str, float] = {}
+    surrogate_cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), name="surrogate", arch=args.surrogate_arch,
+                                   image_size=size, resize_size=size, crop_scale_min=0.5, epochs=args.surrogate_epochs,
+                                   batch_size=args.batch_size, lr=0.05, cpus_per_worker=threads, shuffle_buffer=0)
+    surrogate, costs["surrogate_s"] = _timed(pretrain, surrogate_cfg)
+
+    def extract(images: Path, name: str) -> str:
+        cfg = ExtractConfig(source=str(images), out=str(work / "features" / name), arch=args.surrogate_arch,
+                            checkpoint=surrogate.model_path, num_classes=len(surrogate.kept_classes), image_size=size,
+                            resize_size=size, num_actors=1)
+        store, costs[f"extract_{name}_s"] = _timed(extract_features, cfg, progress=False)
+        return str(store.path)
+
+    source, task = extract(synth.source_dir, "source"), extract(synth.task_dirs[0] / "train", "task")
+    paths = {}
+    for ratio in (0.5, 0.8):
+        cfg = SelectConfig(method="lm", ratio=ratio, source_features=source, downstream_features=[task],
+                           out=str(work / f"keep-{ratio}"))
+        _, costs[f"select_{ratio}_s"] = _timed(select_keepset, cfg)
+        paths[ratio] = cfg.out
+    return paths, costs
+
+
+def p3_figure(args, work: Path, threads: int) -> dict:
+    """P3: images/s of one Ray Train run (1 worker) on the dense source vs the plain loop before and after it."""
+    synth = generate(SynthConfig(root=str(work / "p3"), num_domains=max(1, args.classes // 5), classes_per_domain=5,
+                                 images_per_class=args.images_per_class, image_size=args.size, tasks=0))
+    index = scan_image_folder(synth.source_dir)
+    cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), name="p3", arch=args.p3_arch,
+                         image_size=args.size, resize_size=args.size, crop_scale_min=0.5, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=0.05, cpus_per_worker=threads, shuffle_buffer=0, use_gpu=args.gpu)
+    cached = use_decode_cache(cfg, len(index))
+    before = plain_images_per_s(index, cfg, threads, args.cpus - threads, cached)
+    run = pretrain(cfg)
+    ray_load = os.getloadavg()[0]
+    assert run.cached == cached
+    plain = [plain_images_per_s(index, cfg, threads, args.cpus - threads, cached)]  # and after the Ray run
+    ray_rate = statistics.median(h["images_per_s"] for h in run.history[1:])
+    plain_rates = [statistics.median(p["img_s"][1:]) for p in (before, *plain)]
+    plain_rate = statistics.median([x for p in (before, *plain) for x in p["img_s"][1:]])
+    # Load-independent cross-check: images per CPU-second of the training process (its data
+    # threads included; the data workers' processes not, in either loop).
+    ray_per_cpu = statistics.median(h["images"] / h["cpu_s"] for h in run.history[1:])
+    plain_per_cpu = statistics.median([x for p in (before, *plain) for x in p["img_per_cpu_s"][1:]])
+    return {"figure": "P3", "ray_img_s": round(ray_rate, 1), "plain_img_s": round(plain_rate, 1),
+            "ratio": round(ray_rate / plain_rate, 3), "plain_img_s_before_after": [round(x, 1) for x in plain_rates],
+            "ray_epochs_img_s": [round(h["images_per_s"], 1) for h in run.history],
+            "ray_img_per_cpu_s": round(ray_per_cpu, 1), "plain_img_per_cpu_s": round(plain_per_cpu, 1),
+            "cpu_ratio": round(ray_per_cpu / plain_per_cpu, 3),
+            "cached_decode": cached, "use_gpu": args.gpu, "arch": args.p3_arch, "size": args.size, "threads": threads,
+            "data_workers": args.cpus - threads,
+            "load_1min": [round(before["load"], 2), round(ray_load, 2), round(plain[0]["load"], 2)]}
+
+
+def p4_figure(args, work: Path, threads: int) -> dict:
+    """P4: LM keep-sets made as a sweep makes them, then dense, 50% and 80% pretraining on one data path."""
+    synth = generate(SynthConfig(root=str(work / "p4"), num_domains=max(1, args.p4_classes // 5), classes_per_domain=5,
+                                 images_per_class=args.p4_images_per_class, image_size=args.p4_size, tasks=1,
+                                 domains_per_task=1, classes_per_task_domain=5, train_per_class=20, test_per_class=5))
+    index = scan_image_folder(synth.source_dir)
+    paths, stage_s = keepsets(args, synth, work, threads)
+    cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), arch=args.arch, image_size=args.p4_size,
+                         resize_size=args.p4_size, crop_scale_min=0.5, epochs=args.p4_epochs, batch_size=args.batch_size,
+                         lr=0.05, cpus_per_worker=threads, shuffle_buffer=0, use_gpu=args.gpu)
+    # One data path for the sweep's runs, decided from the dense size (as the sweep does).
+    cache = "true" if use_decode_cache(cfg, len(index)) else "false"
+    runs, load = {}, {}
+    for ratio in (0.0, 0.5, 0.8):
+        run_cfg = PretrainConfig(**{**cfg.__dict__, "name": f"r{ratio}", "keepset": paths.get(ratio), "cache_decoded": cache})
+        called = time.time()
+        r = pretrain(run_cfg)
+        runs[ratio] = (r, called, time.time())
+        load[ratio] = os.getloadavg()[0]
+    steady = {k: statistics.median(h["epoch_s"] for h in r.history[1:]) for k, (r, _, _) in runs.items()}
+    steady_cpu = {k: statistics.median(h["cpu_s"] for h in r.history[1:]) for k, (r, _, _) in runs.items()}
+    epochs_s = {k: sum(h["epoch_s"] for h in r.history) for k, (r, _, _) in runs.items()}
+    total_s = {k: end - called for k, (_, called, end) in runs.items()}
+    startup = {k: r.history[0]["started_at"] - called - r.cache_s for k, (r, called, _) in runs.items()}
+    keepset_s = {q: stage_s["surrogate_s"] + stage_s["extract_source_s"] + stage_s["extract_task_s"] + stage_s[f"select_{q}_s"]
+                 for q in (0.5, 0.8)}
+    end_to_end = {q: total_s[0.0] / (keepset_s[q] + total_s[q]) for q in (0.5, 0.8)}
+    return {
+        "figure": "P4",
+        "speedup_0.5": round(steady[0.0] / steady[0.5], 2), "speedup_0.8": round(steady[0.0] / steady[0.8], 2),
+        "end_to_end_speedup_0.5": round(end_to_end[0.5], 2), "end_to_end_speedup_0.8": round(end_to_end[0.8], 2),
+        "same_path": len({r.cached for r, _, _ in runs.values()}) == 1, "cached_decode": runs[0.0][0].cached,
+        "source_images": len(index), "source_classes": len(index.classes), "arch": args.arch, "size": args.p4_size,
+        "surrogate": {"arch": args.surrogate_arch, "size": args.surrogate_size, "epochs": args.surrogate_epochs},
+        "method": "lm",
+        "kept_images_0.5": round(runs[0.5][0].images / len(index), 3),
+        "kept_images_0.8": round(runs[0.8][0].images / len(index), 3),
+        "speedup_all_epochs_0.5": round(epochs_s[0.0] / epochs_s[0.5], 2),
+        "speedup_all_epochs_0.8": round(epochs_s[0.0] / epochs_s[0.8], 2),
+        "speedup_pretrain_total_0.8": round(total_s[0.0] / total_s[0.8], 2),
+        "cpu_speedup_0.5": round(steady_cpu[0.0] / steady_cpu[0.5], 2),
+        "cpu_speedup_0.8": round(steady_cpu[0.0] / steady_cpu[0.8], 2),
+        "stage_s": {k: round(v, 2) for k, v in stage_s.items()},
+        "surrogate_share": round(stage_s["surrogate_s"] / total_s[0.0], 3),
+        "keepset_s": {str(k): round(v, 2) for k, v in keepset_s.items()},
+        "pretrain_total_s": {str(k): round(v, 2) for k, v in total_s.items()},
+        "steady_epoch_s": {str(k): round(v, 3) for k, v in steady.items()},
+        "epoch_s": {str(k): [round(h["epoch_s"], 2) for h in r.history] for k, (r, _, _) in runs.items()},
+        "epochs_s": {str(k): round(v, 2) for k, v in epochs_s.items()},
+        "cold_start_s": {str(k): round(r.history[0]["epoch_s"] - steady[k], 2) for k, (r, _, _) in runs.items()},
+        "startup_s": {str(k): round(v, 2) for k, v in startup.items()},
+        "cache_s": {str(k): round(r.cache_s, 2) for k, (r, _, _) in runs.items()},
+        "other_s": {str(k): round(total_s[k] - startup[k] - r.cache_s - epochs_s[k], 2) for k, (r, _, _) in runs.items()},
+        "epochs": args.p4_epochs, "load_1min": {str(k): round(v, 2) for k, v in load.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--classes", type=int, default=20)
-    ap.add_argument("--images-per-class", type=int, default=60)
+    ap.add_argument("--classes", type=int, default=20, help="P3 source classes")
+    ap.add_argument("--images-per-class", type=int, default=60, help="P3 source images per class")
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--p3-arch", default="resnet18")
+    ap.add_argument("--epochs", type=int, default=4, help="P3 epochs")
+    ap.add_argument("--p4-classes", type=int, default=20)
+    ap.add_argument("--p4-images-per-class", type=int, default=96, help="20 x 96: 30 batches of 64, 6 at 80%%")
+    ap.add_argument("--p4-size", type=int, default=64, help="P4's pretraining image size")
+    ap.add_argument("--p4-epochs", type=int, default=10)
+    ap.add_argument("--arch", default="resnet50", help="P4's pretrained net")
+    ap.add_argument("--surrogate-arch", default="resnet18")
+    ap.add_argument("--surrogate-size", type=int, default=16, help="the surrogate's image size (training and extraction)")
+    ap.add_argument("--surrogate-epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--gpu", action="store_true", help="train on the GPU (both loops: bf16 autocast, channels_last)")
+    ap.add_argument("--only", choices=("P3", "P4"), help="measure one figure")
     args = ap.parse_args()
     if args.cpus < 2:
         ap.error("--cpus must be >= 2: one for the training worker, the rest for data")
@@ -130,64 +262,12 @@ def main() -> None:
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="p34-"))
-    synth = generate(SynthConfig(root=str(work / "data"), num_domains=max(1, args.classes // 5), classes_per_domain=5,
-                                 images_per_class=args.images_per_class, image_size=args.size, tasks=0))
-    index = scan_image_folder(synth.source_dir)
     threads = max(1, args.cpus - 1)
-    cfg = PretrainConfig(source=str(synth.source_dir), out=str(work / "runs"), arch=args.arch, image_size=args.size,
-                         resize_size=args.size, crop_scale_min=0.5, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=0.05, cpus_per_worker=threads, shuffle_buffer=0, use_gpu=args.gpu)
-
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    cached = use_decode_cache(cfg, len(index))
-    before = plain_images_per_s(index, cfg, threads, args.cpus - threads, cached)
-    runs, load = {}, {}
-    for ratio in (0.0, 0.5, 0.8):
-        ks = keepset_for_ratio(index, ratio, work / f"keep-{ratio}") if ratio else None
-        called = time.time()
-        r = pretrain(PretrainConfig(**{**cfg.__dict__, "name": f"r{ratio}", "keepset": ks}))
-        runs[ratio] = (r, called, time.time())
-        load[ratio] = os.getloadavg()[0]
-    assert runs[0.0][0].cached == cached
-    plain = [plain_images_per_s(index, cfg, threads, args.cpus - threads, cached)]  # and after the Ray runs
+    for figure, measure in (("P3", p3_figure), ("P4", p4_figure)):
+        if args.only in (None, figure):
+            print(json.dumps(measure(args, work, threads)), flush=True)
     ray.shutdown()
-    ray_rate = statistics.median(h["images_per_s"] for h in runs[0.0][0].history[1:])
-    plain_rates = [statistics.median(p["img_s"][1:]) for p in (before, *plain)]
-    plain_rate = statistics.median([x for p in (before, *plain) for x in p["img_s"][1:]])
-    # Load-independent cross-check: images per CPU-second of the training process (its data
-    # threads included; the data workers' processes not, in either loop).
-    ray_per_cpu = statistics.median(h["images"] / h["cpu_s"] for h in runs[0.0][0].history[1:])
-    plain_per_cpu = statistics.median([x for p in (before, *plain) for x in p["img_per_cpu_s"][1:]])
-    print(json.dumps({"figure": "P3", "ray_img_s": round(ray_rate, 1), "plain_img_s": round(plain_rate, 1),
-                      "ratio": round(ray_rate / plain_rate, 3), "plain_img_s_before_after": [round(x, 1) for x in plain_rates],
-                      "ray_epochs_img_s": [round(h["images_per_s"], 1) for h in runs[0.0][0].history],
-                      "ray_img_per_cpu_s": round(ray_per_cpu, 1), "plain_img_per_cpu_s": round(plain_per_cpu, 1),
-                      "cpu_ratio": round(ray_per_cpu / plain_per_cpu, 3),
-                      "cached_decode": cached, "use_gpu": args.gpu, "arch": args.arch, "size": args.size, "threads": threads,
-                      "data_workers": args.cpus - threads,
-                      "load_1min": [round(before["load"], 2), round(load[0.0], 2), round(plain[0]["load"], 2)]}))
-    steady = {k: statistics.median(h["epoch_s"] for h in r.history[1:]) for k, (r, _, _) in runs.items()}
-    steady_cpu = {k: statistics.median(h["cpu_s"] for h in r.history[1:]) for k, (r, _, _) in runs.items()}
-    epochs_s = {k: sum(h["epoch_s"] for h in r.history) for k, (r, _, _) in runs.items()}
-    startup = {k: r.history[0]["started_at"] - called - r.cache_s for k, (r, called, _) in runs.items()}
-    print(json.dumps({
-        "figure": "P4",
-        "speedup_0.5": round(steady[0.0] / steady[0.5], 2), "speedup_0.8": round(steady[0.0] / steady[0.8], 2),
-        "kept_images_0.5": round(runs[0.5][0].images / len(index), 3),
-        "kept_images_0.8": round(runs[0.8][0].images / len(index), 3),
-        "speedup_all_epochs_0.5": round(epochs_s[0.0] / epochs_s[0.5], 2),
-        "speedup_all_epochs_0.8": round(epochs_s[0.0] / epochs_s[0.8], 2),
-        "cpu_speedup_0.5": round(steady_cpu[0.0] / steady_cpu[0.5], 2),
-        "cpu_speedup_0.8": round(steady_cpu[0.0] / steady_cpu[0.8], 2),
-        "steady_epoch_s": {str(k): round(v, 3) for k, v in steady.items()},
-        "epoch_s": {str(k): [round(h["epoch_s"], 2) for h in r.history] for k, (r, _, _) in runs.items()},
-        "epochs_s": {str(k): round(v, 2) for k, v in epochs_s.items()},
-        "cold_start_s": {str(k): round(r.history[0]["epoch_s"] - steady[k], 2) for k, (r, _, _) in runs.items()},
-        "startup_s": {str(k): round(v, 2) for k, v in startup.items()},
-        "cache_s": {str(k): round(r.cache_s, 2) for k, (r, _, _) in runs.items()},
-        "other_s": {str(k): round(end - called - startup[k] - r.cache_s - epochs_s[k], 2)
-                    for k, (r, called, end) in runs.items()},
-        "epochs": args.epochs, "load_1min": {str(k): round(v, 2) for k, v in load.items()}}))
 
 
 if __name__ == "__main__":

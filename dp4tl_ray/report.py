@@ -21,7 +21,15 @@ from dp4tl_ray import atomic
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.intervals import t_interval, wilson_interval
-from dp4tl_ray.results import DENSE, RANDOM_INIT, REFERENCES, RESULTS_FILE, load_results  # REFERENCES: rows without a ratio
+from dp4tl_ray.results import (  # REFERENCES: rows without a ratio
+    DENSE,
+    RANDOM_INIT,
+    REFERENCES,
+    RESULTS_FILE,
+    keepset_seconds,
+    load_results,
+    pretrain_seconds,
+)
 from dp4tl_ray.select.pipeline import METHODS
 
 METHOD_ORDER = (DENSE,) + METHODS + (RANDOM_INIT,)
@@ -215,45 +223,74 @@ def _verdict(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
 
 # ---------------------------------------------------------------- time
 
-def _device_hours(t: dict[str, Any]) -> tuple[str, float] | None:
-    """(unit, hours) of one trial's pretraining: GPU-hours when it used GPUs, else CPU worker-hours."""
-    if t["pretrain_total_s"] is None or t["workers"] is None:
+def _devices(t: dict[str, Any]) -> tuple[str, float] | None:
+    """(unit, devices) of one trial's pretraining run: GPUs (workers x GPUs per worker) when it used
+    GPUs, else CPU workers; hours in that unit are devices x seconds / 3600."""
+    if t["workers"] is None:
         return None
     if t["use_gpu"]:
-        return "GPU-hours", t["workers"] * (t["gpus_per_worker"] or 0) * t["pretrain_total_s"] / 3600
-    return "CPU worker-hours", t["workers"] * t["pretrain_total_s"] / 3600
+        return "GPU-hours", t["workers"] * (t["gpus_per_worker"] or 0)
+    return "CPU worker-hours", t["workers"]
+
+
+def _device_hours(ts: list[dict[str, Any]], seconds) -> tuple[str | None, float | None]:
+    """Mean over ``ts`` of devices x ``seconds(t)`` in hours, and its unit (None: no figure, or mixed devices)."""
+    dev = [(d[0], d[1] * seconds(t) / 3600) for t in ts if (d := _devices(t)) is not None and seconds(t) is not None]
+    units = {u for u, _ in dev}
+    unit = units.pop() if len(units) == 1 else None  # mixed devices in one cell: no single figure
+    return unit, _mean([h for _, h in dev]) if unit else None
+
+
+def _end_to_end_seconds(t: dict[str, Any]) -> float | None:
+    """Every stage of a trial up to its pretrained backbone: the keep-set's stages plus pretraining."""
+    pretrain = pretrain_seconds(t)
+    return None if pretrain is None else keepset_seconds(t) + pretrain
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def time_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per group x method x ratio: mean pretraining and selection time, the fraction of dense
-    pretraining time saved with selection included, and device-hours saved vs dense."""
+    """One row per group x method x ratio (means over seeds): pretraining time, the keep-set's cost
+    (every stage that produced it), end to end time and device-hours, the speed-ups and the fraction of
+    time saved vs dense, device-hours saved vs dense, and how the costs are known."""
     rows = []
     for group, members in group_trials(trials).items():
         for (method, ratio), ts in _cells(members).items():
             if method == RANDOM_INIT:
                 continue  # nothing was pretrained
             frac = [t["kept_images"] / t["total_images"] for t in ts if t["kept_images"] is not None and t["total_images"]]
-            dev = [d for d in map(_device_hours, ts) if d is not None]
-            units = {u for u, _ in dev}
-            unit = units.pop() if len(units) == 1 else None  # mixed devices in one cell: no single figure
+            unit, hours = _device_hours(ts, lambda t: t["pretrain_total_s"])
+            e2e_unit, e2e_hours = _device_hours(ts, _end_to_end_seconds)
             rows.append({
                 **_group_fields(group), "method": method, "ratio": ratio, "n": len(ts),
                 "images_kept_frac": _mean(frac),
                 "pretrain_s": _mean(_values(ts, "pretrain_s")),
                 "select_s": _mean(_values(ts, "select_s")) or 0.0,
+                "keepset_s": _mean([keepset_seconds(t) for t in ts]),
                 "pretrain_total_s": _mean(_values(ts, "pretrain_total_s")),
+                "end_to_end_s": _mean([s for s in map(_end_to_end_seconds, ts) if s is not None]),
                 "eval_s": _mean(_values(ts, "eval_s")),
                 "device_unit": unit,
-                "device_hours": _mean([h for _, h in dev]) if unit else None,
+                "device_hours": hours,
+                "end_to_end_device_hours": e2e_hours if e2e_unit == unit else None,
+                "surrogate_cost": "/".join(sorted({t["surrogate_cost"] for t in ts if t.get("surrogate_cost")})) or None,
+                "reused_stages": "/".join(sorted({s for t in ts for s in t.get("reused_stages") or []})) or None,
+                "cache_decoded": "/".join(sorted({str(t["cache_decoded"]).lower() for t in ts
+                                                  if t.get("cache_decoded") is not None})) or None,
             })
     for r in rows:  # compare with the dense row of the same group
         group = _group_of(r)
         dense = next((d for d in rows if d["method"] == DENSE and _group_of(d) == group), None)
-        cost = None if r["pretrain_s"] is None else r["pretrain_s"] + r["select_s"]
+        cost = None if r["pretrain_s"] is None else r["pretrain_s"] + r["keepset_s"]
         r["saved_frac"] = (1 - cost / dense["pretrain_s"]
                            if dense and dense["pretrain_s"] and cost is not None else None)
         comparable = dense is not None and r["device_unit"] and dense["device_unit"] == r["device_unit"]
         r["device_hours_saved"] = dense["device_hours"] - r["device_hours"] if comparable else None
+        r["pretrain_speedup"] = _ratio(dense and (dense["pretrain_total_s"] or dense["pretrain_s"]),
+                                       r["pretrain_total_s"] or r["pretrain_s"])
+        r["end_to_end_speedup"] = _ratio(dense and dense["end_to_end_s"], r["end_to_end_s"])
     return rows
 
 
@@ -266,9 +303,35 @@ def time_table(rows: list[dict[str, Any]], group: tuple) -> str | None:
     if not mine:
         return None
     body = [[r["method"], _pct(r["ratio"]), _fmt(r["images_kept_frac"], ".1f", 100), _fmt(r["pretrain_s"], ".3f", 1 / 3600),
-             _fmt(r["select_s"], ".1f"), _fmt(r["saved_frac"], ".1f", 100), str(r["n"])] for r in mine]
-    return _markdown(["method", "ratio", "images kept %", "pretrain h (mean)", "selection s",
-                      "time saved vs dense % (incl. selection)", "trials"], body)
+             _fmt(r["keepset_s"], ".1f"), _fmt(r["saved_frac"], ".1f", 100), str(r["n"])] for r in mine]
+    return _markdown(["method", "ratio", "images kept %", "pretrain h (mean)", "keep-set s (every stage)",
+                      "time saved vs dense % (incl. keep-set)", "trials"], body)
+
+
+def _cost_note(r: dict[str, Any]) -> str:
+    """How a row's keep-set cost is known: a declared (or undeclared) surrogate cost, reused stages."""
+    notes = []
+    if r["surrogate_cost"] and r["surrogate_cost"] != "trained":
+        notes.append(f"surrogate {r['surrogate_cost'].replace('undeclared', 'undeclared (counted 0)')}")
+    if r["reused_stages"]:
+        notes.append(f"reused: {r['reused_stages'].replace('/', ', ')} (original cost)")
+    return "; ".join(notes) or "—"
+
+
+def cost_table(rows: list[dict[str, Any]], group: tuple) -> str | None:
+    """The paper's Table 2 view: per method and ratio, end-to-end hours (keep-set stages + pretraining)
+    and device-hours, and the speed-ups vs dense of pretraining alone and end to end."""
+    mine = [r for r in rows if _group_of(r) == group]
+    if not mine:
+        return None
+    units = {r["device_unit"] for r in mine if r["device_unit"]}
+    unit = units.pop() if len(units) == 1 else "device-hours"
+    body = [[r["method"], _pct(r["ratio"]), _fmt(None if r["images_kept_frac"] is None else 1 - r["images_kept_frac"], ".1f", 100),
+             _fmt(r["keepset_s"], ".3f", 1 / 3600), _fmt(r["pretrain_total_s"], ".3f", 1 / 3600),
+             _fmt(r["end_to_end_s"], ".3f", 1 / 3600), _fmt(r["end_to_end_device_hours"], ".3f"),
+             _fmt(r["pretrain_speedup"], ".2f"), _fmt(r["end_to_end_speedup"], ".2f"), _cost_note(r)] for r in mine]
+    return _markdown(["method", "ratio", "images removed %", "keep-set h", "pretraining h", "end-to-end h",
+                      f"end-to-end {unit}", "pretraining speed-up", "end-to-end speed-up", "costs"], body)
 
 
 def cost_lines(rows: list[dict[str, Any]], group: tuple) -> list[str]:
@@ -284,7 +347,7 @@ def cost_lines(rows: list[dict[str, Any]], group: tuple) -> list[str]:
             line += f", {r['device_hours_saved']:.3f} saved vs dense ({dense['device_hours']:.3f})"
         else:
             line += " (no dense run on the same kind of device to compare with)"
-        lines.append(line + f"; selection took {r['select_s']:.1f} s wall-clock on top")
+        lines.append(line + f"; its keep-set took {r['keepset_s']:.1f} s wall-clock on top (every stage)")
     return lines
 
 
@@ -311,15 +374,20 @@ def _save_png(fig, path: Path) -> Path:
     return path
 
 
+X_RATIO = ("ratio", "pruning ratio (% of units removed)")
+X_IMAGES = ("images_removed_frac", "images removed (% of source images)")
+
+
 def _plot_by_method(path: Path, rows: list[dict[str, Any]], y: str, ylabel: str, std: str | None = None,
-                    from_zero: bool = False, band: tuple[str, str] | None = None) -> Path:
-    return _save_png(_figure_by_method(rows, y, ylabel, std, from_zero, band), path)
+                    from_zero: bool = False, band: tuple[str, str] | None = None, x: tuple[str, str] = X_RATIO) -> Path:
+    return _save_png(_figure_by_method(rows, y, ylabel, std, from_zero, band, x), path)
 
 
 def _figure_by_method(rows: list[dict[str, Any]], y: str, ylabel: str, std: str | None = None,
-                     from_zero: bool = False, band: tuple[str, str] | None = None):
-    """One panel per group: ``y`` against pruning ratio, a line per method, dense as a horizontal line;
-    ``std`` as error bars and the ``band`` (low, high) fields shaded, where the rows have them."""
+                      from_zero: bool = False, band: tuple[str, str] | None = None, x: tuple[str, str] = X_RATIO):
+    """One panel per group: ``y`` against ``x`` (key, label; a fraction shown in %), a line per method,
+    dense as a horizontal line; ``std`` as error bars and the ``band`` (low, high) fields shaded, where
+    the rows have them."""
     groups = list(dict.fromkeys(_group_of(r) for r in rows))
     fig, axes = _new_figure(len(groups))
     for ax, group in zip(axes, groups):
@@ -333,14 +401,15 @@ def _figure_by_method(rows: list[dict[str, Any]], y: str, ylabel: str, std: str 
                 if shaded:
                     ax.axhspan(pts[0][band[0]], pts[0][band[1]], color=colour, alpha=0.1)
                 continue
-            xs = [100 * r["ratio"] for r in pts]
+            pts = sorted((r for r in pts if r[x[0]] is not None), key=lambda r: r[x[0]])
+            xs = [100 * r[x[0]] for r in pts]
             errs = [r[std] or 0.0 for r in pts] if std else None
             line = ax.errorbar(xs, [r[y] for r in pts], yerr=errs, marker="o", capsize=3, label=method)
             if shaded:  # a band along the curve, and a translucent bar at each point (seen even for one ratio)
                 lows, highs = [r[band[0]] for r in pts], [r[band[1]] for r in pts]
                 ax.fill_between(xs, lows, highs, color=line[0].get_color(), alpha=0.15)
                 ax.vlines(xs, lows, highs, color=line[0].get_color(), alpha=0.3, linewidth=6)
-        ax.set(title=_group_title(group), xlabel="pruning ratio (% of units removed)", ylabel=ylabel)
+        ax.set(title=_group_title(group), xlabel=x[1], ylabel=ylabel)
         if from_zero:
             ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -348,26 +417,42 @@ def _figure_by_method(rows: list[dict[str, Any]], y: str, ylabel: str, std: str 
     return fig
 
 
-def accuracy_figure(rows: list[dict[str, Any]], metric: str):
-    """The accuracy plot of one metric: mean per method and ratio, ± std bars, its 95% interval shaded."""
+def accuracy_figure(rows: list[dict[str, Any]], metric: str, x: tuple[str, str] = X_RATIO):
+    """The accuracy plot of one metric: mean per method against ``x``, ± std bars, its 95% interval shaded."""
     title = next(m.title for m in METRICS if m.name == metric)
     return _figure_by_method([r for r in rows if r["metric"] == metric], "mean_pct",
-                            title.split(":")[0] + " top-1 % (bars ± std, shaded 95% interval)",
-                            std="std_pct", band=("ci95_low_pct", "ci95_high_pct"))
+                             title.split(":")[0] + " top-1 % (bars ± std, shaded 95% interval)",
+                             std="std_pct", band=("ci95_low_pct", "ci95_high_pct"), x=x)
 
 
-def plot_accuracy(path: Path, rows: list[dict[str, Any]], metric: str) -> Path:
-    return _save_png(accuracy_figure(rows, metric), path)
+def plot_accuracy(path: Path, rows: list[dict[str, Any]], metric: str, times: list[dict[str, Any]] | None = None) -> Path:
+    """Accuracy against the pruning ratio (units removed), or with ``times`` (:func:`time_rows`) against
+    the fraction of source *images* removed: methods that prune units of different sizes, or images,
+    compare at the same data budget there."""
+    if times is None:
+        return _save_png(accuracy_figure(rows, metric), path)
+    return _save_png(accuracy_figure(with_images_removed(rows, times), metric, X_IMAGES), path)
+
+
+def with_images_removed(rows: list[dict[str, Any]], times: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` (accuracy rows) with ``images_removed_frac``: the mean fraction of source images their
+    cell's keep-sets removed (from :func:`time_rows`; None where unknown)."""
+    kept = {(_group_of(t), t["method"], t["ratio"]): t["images_kept_frac"] for t in times}
+    out = []
+    for r in rows:
+        frac = kept.get((_group_of(r), r["method"], r["ratio"]))
+        out.append({**r, X_IMAGES[0]: None if frac is None else 1 - frac})
+    return out
 
 
 def plot_time(path: Path, rows: list[dict[str, Any]]) -> Path:
     """Pretraining + selection time against pruning ratio, in the unit that suits the sweep's scale."""
-    cost = [{**r, "cost_s": None if r["pretrain_s"] is None else r["pretrain_s"] + r["select_s"]} for r in rows]
+    cost = [{**r, "cost_s": None if r["pretrain_s"] is None else r["pretrain_s"] + r["keepset_s"]} for r in rows]
     longest = max((r["cost_s"] for r in cost if r["cost_s"] is not None), default=0.0)
     unit, scale = next((u, k) for u, k, limit in (("seconds", 1, 120), ("minutes", 60, 7200), ("hours", 3600, math.inf))
                        if longest < limit)
     scaled = [{**r, "cost": None if r["cost_s"] is None else r["cost_s"] / scale} for r in cost]
-    return _plot_by_method(path, scaled, "cost", f"pretraining + selection {unit} (mean)", from_zero=True)
+    return _plot_by_method(path, scaled, "cost", f"pretraining + keep-set {unit} (mean)", from_zero=True)
 
 
 # ---------------------------------------------------------------- files
@@ -379,6 +464,13 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     writer.writerows({k: "" if v is None else round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
                      for r in rows)
     return buf.getvalue()
+
+
+COST_NOTE = ("A keep-set's cost is every stage that produced it: surrogate training (or the cost declared for a given "
+             "checkpoint), extraction of the source and of the task, k-means, EL2N/GraNd models and scoring, selection; a "
+             "stage reused from an earlier run counts its original cost. Pretraining is the whole run (Train start-up, "
+             "decode cache, epochs, checkpoints). Device-hours: the pretraining run's devices (GPUs = workers x GPUs per "
+             "worker, or CPU workers) x the end-to-end seconds. Speed-ups: dense's time / the row's.")
 
 
 def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], times: list[dict[str, Any]],
@@ -402,6 +494,7 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
         if table:
             costs = cost_lines(times, group)
             parts += ["### Pretraining time", table] + (["\n".join(costs)] if costs else [])
+            parts += ["### Costs end to end (the paper's Table 2)", COST_NOTE, cost_table(times, group)]
     if failed:
         parts.append("## Failed trials")
         parts.append("\n".join(f"- {t['trial_id']}: {t['error'] or 'no message'}" for t in failed))
@@ -431,11 +524,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     for metric in PLOTTED:
         if any(r["metric"] == metric for r in acc):
             paths[f"accuracy_{metric}.png"] = plot_accuracy(out / f"accuracy_{metric}.png", acc, metric)
+            paths[f"accuracy_{metric}_images.png"] = plot_accuracy(out / f"accuracy_{metric}_images.png", acc, metric, times)
     paths["time.png"] = plot_time(out / "time.png", times)
     return paths
 
 
 __all__ = [
-    "READING", "accuracy_rows", "comparisons", "interval95", "time_rows", "accuracy_table", "time_table",
-    "cost_lines", "accuracy_figure", "plot_accuracy", "plot_time", "report_markdown", "write_report",
+    "READING", "accuracy_rows", "comparisons", "interval95", "time_rows", "accuracy_table", "time_table", "cost_table",
+    "cost_lines", "accuracy_figure", "plot_accuracy", "plot_time", "report_markdown", "with_images_removed", "write_report",
 ]

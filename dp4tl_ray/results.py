@@ -23,10 +23,31 @@ RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "error")
 # What to do about a damaged results file: the sweep writes it from Tune's saved state at its end.
 REWRITE = f"re-run the same `dp4tl sweep` command: finished trials are kept and {RESULTS_FILE} is written again"
+# What a keep-set cost, a field per stage that produced it (seconds): the surrogate's training (or the cost
+# declared for a given checkpoint, see surrogate_cost), extracting the source and the task with it, FM's
+# k-means, EL2N/GraNd's models and scoring, the selection itself. A stage reused from an earlier run
+# counts its original cost and is named in ``reused_stages``.
+KEEPSET_COST_KEYS = ("surrogate_s", "extract_source_s", "extract_task_s", "kmeans_s", "scores_s", "select_s")
+SURROGATE_COSTS = ("trained", "declared", "undeclared")  # surrogate_cost: how surrogate_s is known
 RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "surrogate_mode", "mode", "arch", "task", "seed",
                "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max", "kept_units", "total_units", "kept_images",
-               "total_images", "select_s", "pretrain_s", "pretrain_total_s", "eval_s", "workers", "gpus_per_worker",
-               "use_gpu", "epoch", "loss", "test_images")  # test_images: how many test images the accuracies are over
+               "total_images", *KEEPSET_COST_KEYS, "surrogate_cost", "reused_stages",
+               # pretraining: the epochs; the whole pretrain() call (Train start-up, decode cache, epochs,
+               # checkpoints, teardown) and its start-up and decode cache parts; the sweep's one data path
+               "pretrain_s", "pretrain_total_s", "pretrain_startup_s", "decode_cache_s", "cache_decoded",
+               "eval_s", "workers", "gpus_per_worker", "use_gpu", "epoch", "loss",
+               "test_images")  # test_images: how many test images the accuracies are over
+
+
+def keepset_seconds(record: dict[str, Any]) -> float:
+    """Seconds of every stage that produced the record's keep-set (0 for dense: it has none)."""
+    return float(sum(record.get(k) or 0.0 for k in KEEPSET_COST_KEYS))
+
+
+def pretrain_seconds(record: dict[str, Any]) -> float | None:
+    """Seconds of the record's pretraining: the whole run when recorded, else its epochs."""
+    total = record.get("pretrain_total_s")
+    return total if total is not None else record.get("pretrain_s")
 
 
 def write_results(sweep_dir: str, records: list[dict[str, Any]]) -> str:
@@ -122,5 +143,5 @@ def load_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return trials
 
 
-__all__ = ["DENSE", "RANDOM_INIT", "RECORD_KEYS", "REFERENCES", "RESULTS_FILE", "load_results", "normalize_trial",
-           "parse_results", "write_results"]
+__all__ = ["DENSE", "KEEPSET_COST_KEYS", "RANDOM_INIT", "RECORD_KEYS", "REFERENCES", "RESULTS_FILE", "SURROGATE_COSTS",
+           "keepset_seconds", "load_results", "normalize_trial", "parse_results", "pretrain_seconds", "write_results"]

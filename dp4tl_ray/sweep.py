@@ -33,7 +33,7 @@ from dp4tl_ray.artifact_io import read_json
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.config import from_dict, load_yaml
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import FeatureStore
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore
 from dp4tl_ray.results import DENSE, RANDOM_INIT, RECORD_KEYS, REFERENCES, write_results
 from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, REVERSE, UNIT_METHODS, select_keepset
 
@@ -87,6 +87,8 @@ class SweepConfig:
     # method -> pretraining mode of the surrogate it selects with (default supervised), e.g. {fm: moco_v2}:
     # FM exists for label-free pretraining, so it may get a self-supervised surrogate of its own.
     surrogate_modes: dict[str, str] = field(default_factory=dict)
+    # surrogate name -> seconds it took to train a given checkpoint (counted in its keep-sets' cost, shown as declared)
+    surrogate_costs: dict[str, float] = field(default_factory=dict)
     modes: list[str] = field(default_factory=lambda: ["supervised"])
     tasks: list[str] = field(default_factory=list)  # task folder names; empty = every task
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -129,6 +131,12 @@ class SweepConfig:
                             f"got {self.match_budget!r}")
         if set(self.methods) & set(IMAGE_METHODS) and not self.match_budget:
             log.info("image-level baselines keep 1 - ratio of the images (sweep.match_budget is null)")
+        for arch, seconds in self.surrogate_costs.items():
+            if arch not in self.surrogate_checkpoints:
+                raise UserError(f"sweep.surrogate_costs.{arch}: a declared cost is for a given checkpoint; "
+                                f"add sweep.surrogate_checkpoints.{arch} or drop it (a trained surrogate is timed)")
+            if not isinstance(seconds, (int, float)) or seconds < 0:
+                raise UserError(f"sweep.surrogate_costs.{arch} must be seconds >= 0, got {seconds!r}")
         if self.asha.mode not in ("min", "max"):
             raise UserError(f"sweep.asha.mode must be min or max, got {self.asha.mode!r}")
         if "/" in self.name or not self.name:
@@ -190,6 +198,9 @@ def load_plan(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    if not raw.get("sweep"):  # every plan names its sweep; a file cut short often lost it (it comes last in ours)
+        raise UserError(f"{path}: no sweep section (name, methods, ratios, ...): is the file complete? "
+                        "See jobs/configs/*.yaml for whole plans")
     not_mappings = [k for k, v in raw.items() if v is not None and not isinstance(v, dict)]
     if not_mappings:
         raise UserError(f"{path}: section(s) {not_mappings} must hold `key: value` settings (see jobs/configs/demo.yaml)")
@@ -277,12 +288,14 @@ class TrialSpec:
     seed: int
     arch: str  # the pretrained (and evaluated) backbone
     keepset: str | None  # None: the whole source (dense) or no source at all (random-init)
-    select_s: float  # selection seconds, the surrogate and feature work it needed included
+    select_s: float  # the selection's own seconds (its other stages are in costs)
     kept_units: int
     total_units: int | None
     kept_images: int
     total_images: int | None
     surrogate_mode: str | None = None  # how the surrogate was pretrained (None with no surrogate)
+    costs: dict[str, Any] = field(default_factory=dict)  # the keep-set's other stages (results.KEEPSET_COST_KEYS, ...)
+    cache_decoded: bool | None = None  # the sweep's data path for this trial's mode (None: nothing is pretrained)
 
     @property
     def key(self) -> str:
@@ -297,6 +310,10 @@ class TrialSpec:
     @classmethod
     def from_param(cls, param: dict[str, Any]) -> TrialSpec:
         return cls(**{k: v for k, v in param.items() if k != "key"})
+
+    def record_fields(self) -> dict[str, Any]:
+        """What the trial's record takes from the spec: what it was and what its keep-set cost."""
+        return {k: v for k, v in {**asdict(self), **self.costs}.items() if k in RECORD_KEYS}
 
 
 # ----- shared work: data, surrogates, features, keep-sets (driver side, cached) -----
@@ -325,17 +342,33 @@ class SurrogateRef:
 
 
 @dataclass
+class SurrogateCost:
+    """What a surrogate cost: seconds and how they are known (``results.SURROGATE_COSTS``), and whether
+    this sweep reused an earlier run of it."""
+
+    seconds: float | None
+    how: str
+    reused: bool = False
+
+
+@dataclass
 class SurrogateFeatures:
-    """One surrogate's FeatureStores of the source and of every task's train set, and their seconds."""
+    """One surrogate's FeatureStores of the source and of every task's train set, and their costs."""
 
     surrogate: SurrogateRef
-    surrogate_s: float  # training the surrogate (0 for a given checkpoint)
+    cost: SurrogateCost
     source: FeatureStore
     tasks: dict[str, FeatureStore]
+    reused: set[str] = field(default_factory=set)  # FeatureStores found up to date: "source" and task names
 
-    def seconds(self, task: str) -> float:
-        """What a keep-set for ``task`` that reads the surrogate's outputs cost before its own selection."""
-        return self.surrogate_s + self.source.manifest["seconds"] + self.tasks[task].manifest["seconds"]
+    def costs(self, task: str) -> dict[str, Any]:
+        """The stages before selection of a keep-set for ``task`` that reads the surrogate's outputs
+        (record fields; reused stages count their original seconds, from the stores' manifests)."""
+        reused = (["surrogate"] if self.cost.reused else []) + \
+            (["extract_source"] if "source" in self.reused else []) + (["extract_task"] if task in self.reused else [])
+        return {"surrogate_s": self.cost.seconds, "surrogate_cost": self.cost.how,
+                "extract_source_s": self.source.manifest["seconds"], "extract_task_s": self.tasks[task].manifest["seconds"],
+                "reused_stages": reused}
 
 
 def _data(plan: SweepPlan, work: Path) -> tuple[str, dict[str, str]]:
@@ -358,35 +391,54 @@ def _data(plan: SweepPlan, work: Path) -> tuple[str, dict[str, str]]:
     return source, {t: tasks[t] for t in wanted}
 
 
-def _surrogate(plan: SweepPlan, ref: SurrogateRef, source: str, work: Path) -> tuple[str, float]:
-    """The surrogate's weights file and its training seconds (0 for a given checkpoint)."""
+def _surrogate(plan: SweepPlan, ref: SurrogateRef, source: str, work: Path) -> tuple[str, SurrogateCost]:
+    """The surrogate's weights file and its cost: a given checkpoint's declared seconds
+    (``sweep.surrogate_costs``), or the wall time of the Train run that trained it (start-up and decode
+    cache included), recorded beside the run so that a sweep reusing the run counts it too."""
     from dp4tl_ray.train.trainer import pretrain
 
-    given = plan.sweep.surrogate_checkpoints.get(ref.name)
+    sw = plan.sweep
+    given = sw.surrogate_checkpoints.get(ref.name)
     if given:
         if not Path(given).is_file():
             raise UserError(f"sweep.surrogate_checkpoints.{ref.name}: {given} is not a file")
-        return str(Path(given).resolve()), 0.0
-    r = pretrain(plan.stage("surrogate", arch=ref.arch, mode=ref.mode, source=source, out=str(work / "runs"),
-                            name=f"surrogate-{ref.name}"))
+        declared = sw.surrogate_costs.get(ref.name)
+        return str(Path(given).resolve()), SurrogateCost(declared, "undeclared" if declared is None else "declared")
+    name = f"surrogate-{ref.name}"
+    cost_file = work / "runs" / f"{name}.cost.json"
+    t0 = time.perf_counter()
+    r = pretrain(plan.stage("surrogate", arch=ref.arch, mode=ref.mode, source=source, out=str(work / "runs"), name=name))
     print(f"[sweep] surrogate {ref.name}: {r.metrics.get('epoch')} epochs, loss {r.metrics.get('loss', float('nan')):.3f}")
-    return r.model_path, float(sum(h.get("epoch_s", 0.0) for h in r.history))
+    trained_now = r.seconds > 0
+    if trained_now or not cost_file.is_file():  # an earlier run without a record: its epochs, the floor
+        # A run resumed after a kill: this call's wall time plus the epochs the killed attempts finished.
+        start = r.history[-1].get("start_epoch", 0) if trained_now and r.history else 0
+        seconds = (time.perf_counter() - t0 if trained_now else 0.0) + \
+            sum(h.get("epoch_s", 0.0) for h in r.history if not trained_now or h.get("epoch", 0) <= start)
+        atomic.write_json(cost_file, {"seconds": round(seconds, 3)})
+    return r.model_path, SurrogateCost(json.loads(cost_file.read_text())["seconds"], "trained", reused=not trained_now)
 
 
 def _features(plan: SweepPlan, ref: SurrogateRef, source: str, tasks: dict[str, str], work: Path) -> SurrogateFeatures:
     """Train (or load) the surrogate ``ref`` and extract the source and every task's train set with it."""
     from dp4tl_ray.features import extract_features
 
-    checkpoint, surrogate_s = _surrogate(plan, ref, source, work)
+    checkpoint, cost = _surrogate(plan, ref, source, work)
+    reused: set[str] = set()
 
     def extract(images: str, name: str, **fields: Any) -> FeatureStore:
-        return extract_features(plan.stage("extract", arch=ref.arch, checkpoint=checkpoint, source=images,
-                                           out=str(work / "features" / ref.name / name), **fields))
+        out = work / "features" / ref.name / name
+        before = FeatureStore.open(out).manifest.get("store_key") if (out / MANIFEST).is_file() else None
+        store = extract_features(plan.stage("extract", arch=ref.arch, checkpoint=checkpoint, source=images, out=str(out),
+                                            **fields))
+        if before is not None and store.manifest.get("store_key") == before:  # up to date: extract_features reused it
+            reused.add(name)
+        return store
 
     src = extract(source, "source")
     n_classes = len(src.manifest["classes"])
-    return SurrogateFeatures(ref, surrogate_s, src,
-                             {task: extract(str(Path(d) / "train"), task, num_classes=n_classes) for task, d in tasks.items()})
+    stores = {task: extract(str(Path(d) / "train"), task, num_classes=n_classes) for task, d in tasks.items()}
+    return SurrogateFeatures(ref, cost, src, stores, reused)
 
 
 def surrogate_mode(sw: SweepConfig, method: str) -> str:
@@ -415,9 +467,10 @@ def methods_per_surrogate(sw: SweepConfig) -> dict[SurrogateRef, list[str]]:
     return per_surrogate
 
 
-def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[str], task: str, seed: int) -> list[TrialSpec]:
+def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[str], task: str, seed: int,
+                    cached: dict[str, bool]) -> list[TrialSpec]:
     """Select every keep-set of ``methods`` x ratios for ``task`` and ``seed`` (each reused when already
-    selected from the same inputs); one trial per keep-set and pretraining mode."""
+    selected from the same inputs); one trial per keep-set and pretraining mode (``cached``: its data path)."""
     sw, ref = plan.sweep, features.surrogate
 
     def keepset_dir(method: str, ratio: float) -> Path:
@@ -433,43 +486,79 @@ def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[
                                            out=str(keepset_dir(method, ratio)), match=match and str(match)))
             if method not in sw.methods:
                 continue  # selected only as another method's image budget
-            costs = ks.meta.extra["costs"]
-            select_s = costs["select_s"] + costs["kmeans_s"] + costs["scores_s"] + \
-                (0.0 if method in SURROGATE_FREE else features.seconds(task))
             m, free = ks.meta, method in SURROGATE_FREE
             trials += [TrialSpec(method, ratio, None if free else ref.arch, mode, task, seed,
-                                 plan.settings("pretrain", mode).arch, str(keepset_dir(method, ratio)), round(select_s, 3),
-                                 m.units_kept, m.units_total, m.images_kept, m.images_total, None if free else ref.mode)
-                       for mode in sw.modes]
+                                 plan.settings("pretrain", mode).arch, str(keepset_dir(method, ratio)),
+                                 m.extra["costs"]["select_s"], m.units_kept, m.units_total, m.images_kept, m.images_total,
+                                 None if free else ref.mode, keepset_costs(m.extra["costs"], None if free else features.costs(task)),
+                                 cached[mode]) for mode in sw.modes]
     return trials
 
 
-def _reference_trials(plan: SweepPlan, source: str, tasks: dict[str, str]) -> list[TrialSpec]:
-    """Dense (the whole source) per task, seed and mode; random init (nothing pretrained) per task and seed."""
-    from dp4tl_ray.data.source import open_source
+def keepset_costs(selection: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
+    """A keep-set's cost fields: ``selection`` (its ``meta.extra["costs"]``) after ``before`` (the
+    surrogate and extraction stages, :meth:`SurrogateFeatures.costs`; None for a method that never reads
+    the surrogate's outputs). Reused stages keep their original seconds and are listed in reused_stages."""
+    before = dict(before or {"surrogate_s": None, "surrogate_cost": None, "extract_source_s": None,
+                             "extract_task_s": None, "reused_stages": []})
+    reused = list(before.pop("reused_stages"))
+    reused += [stage for stage, flag in (("scores", selection.get("scores_reused")), ("select", selection.get("reused")))
+               if flag]
+    own = {k: selection.get(k, 0.0) for k in ("kmeans_s", "scores_s")}
+    return {**before, **own, "reused_stages": reused}
 
+
+def _reference_trials(plan: SweepPlan, classes: int, images: int, tasks: dict[str, str],
+                      cached: dict[str, bool]) -> list[TrialSpec]:
+    """Dense (the whole source) per task, seed and mode; random init (nothing pretrained) per task and seed."""
     sw, trials = plan.sweep, []
     if DENSE in sw.methods:
-        src = open_source(source, "auto", plan.settings("pretrain").class_index)
-        classes, images = len(src.classes), src.num_rows
         trials += [TrialSpec(DENSE, 0.0, None, mode, task, seed, plan.settings("pretrain", mode).arch, None, 0.0,
-                             classes, classes, images, images) for task in tasks for seed in sw.seeds for mode in sw.modes]
+                             classes, classes, images, images, cache_decoded=cached[mode])
+                   for task in tasks for seed in sw.seeds for mode in sw.modes]
     if RANDOM_INIT in sw.methods:  # whatever the pretraining mode: nothing is pretrained
         trials += [TrialSpec(RANDOM_INIT, 0.0, None, None, task, seed, plan.settings("pretrain").arch, None, 0.0,
                              0, None, 0, None) for task in tasks for seed in sw.seeds]
     return trials
 
 
+def data_paths(plan: SweepPlan, dense_images: int, store_bytes: float) -> dict[str, bool]:
+    """Per pretraining mode, whether its runs cache the decoded images, decided once from the *dense*
+    size: every run of the sweep, dense or pruned, then reads its images the same way, so a speed-up
+    never comes from a pruned run fitting in memory while the dense one streams."""
+    from dp4tl_ray.train.trainer import decode_cache_fits
+
+    return {mode: decode_cache_fits(plan.settings("pretrain", mode), dense_images, store_bytes) for mode in plan.sweep.modes}
+
+
+def _sweep_data_paths(plan: SweepPlan, dense_images: int) -> dict[str, bool]:
+    """:func:`data_paths` in this cluster's object store, decided when the sweep starts and kept in the
+    work dir (a resumed sweep keeps its data path)."""
+    import ray
+
+    path = plan.sweep.work / "data_path.json"
+    decided = json.loads(path.read_text())["cache_decoded"] if path.is_file() else {}
+    if set(plan.sweep.modes) - set(decided):
+        decided = {**data_paths(plan, dense_images, float(ray.cluster_resources().get("object_store_memory", 0))), **decided}
+        atomic.write_json(path, {"cache_decoded": decided, "dense_images": dense_images})
+    return decided
+
+
 def prepare(plan: SweepPlan) -> Shared:
-    """Do every piece of work trials share, once, and list the trials: data, then per surrogate its
-    features and keep-sets, plus the reference trials."""
+    """Do every piece of work trials share, once, and list the trials: data and its data path, then per
+    surrogate its features and keep-sets, plus the reference trials."""
+    from dp4tl_ray.data.source import open_source
+
     sw = plan.sweep
     sw.work.mkdir(parents=True, exist_ok=True)
     source, tasks = _data(plan, sw.work)
-    trials = _reference_trials(plan, source, tasks)
+    src = open_source(source, "auto", plan.settings("pretrain").class_index)
+    cached = _sweep_data_paths(plan, src.num_rows)
+    trials = _reference_trials(plan, len(src.classes), src.num_rows, tasks, cached)
     for ref, methods in methods_per_surrogate(sw).items():
         features = _features(plan, ref, source, tasks, sw.work)
-        trials += [t for task in tasks for seed in sw.seeds for t in _keepset_trials(plan, features, methods, task, seed)]
+        trials += [t for task in tasks for seed in sw.seeds
+                   for t in _keepset_trials(plan, features, methods, task, seed, cached)]
         print(f"[sweep] surrogate {ref.name}: features and keep-sets ready under {sw.work}")
     return Shared(source=source, tasks=tasks, trials=sorted(trials, key=lambda t: t.key))
 
@@ -515,9 +604,16 @@ def _evaluations(plan: SweepPlan, shared: Shared, spec: TrialSpec, trial_id: str
 
 
 def _record(spec: TrialSpec, trial_id: str) -> dict[str, Any]:
-    """The start of a finished trial's record: what the trial was, and that it ran."""
-    record = {k: v for k, v in asdict(spec).items() if k in RECORD_KEYS}
-    return {**record, "trial_id": trial_id, "status": "ok", "error": None, "key": spec.key}
+    """The start of a finished trial's record: what the trial was, what its keep-set cost, and that it ran."""
+    return {**spec.record_fields(), "trial_id": trial_id, "status": "ok", "error": None, "key": spec.key}
+
+
+def trial_pretrain_config(plan: SweepPlan, spec: TrialSpec, source: str, work: Path, name: str):
+    """The trial's PretrainConfig: the plan's pretrain section for its mode, on its keep-set, with the
+    sweep's data path (``cache_decoded`` decided once from the dense size)."""
+    path = {} if spec.cache_decoded is None else {"cache_decoded": "true" if spec.cache_decoded else "false"}
+    return plan.stage("pretrain", spec.mode, seed=spec.seed, source=source, keepset=spec.keepset,
+                      out=str(work / "runs"), name=name, **path)
 
 
 def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
@@ -550,14 +646,16 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
         return
     if spec.keepset:
         KeepSet.load(spec.keepset)  # the sha256 check, before any worker starts
-    pcfg = plan.stage("pretrain", spec.mode, seed=spec.seed, source=shared.source, keepset=spec.keepset,
-                      out=str(work / "runs"), name=f"pretrain-{trial_id}")
-    t0 = time.perf_counter()
+    pcfg = trial_pretrain_config(plan, spec, shared.source, work, f"pretrain-{trial_id}")
+    called, t0 = time.time(), time.perf_counter()
     result = pretrain(pcfg, callbacks=[TuneReportCallback()])
     total_s = time.perf_counter() - t0
+    epochs_s = sum(h.get("epoch_s", 0.0) for h in result.history)
+    first = result.history[0].get("started_at") if result.seconds and result.history else None
     record = _record(spec, trial_id)
-    record.update(pretrain_s=round(sum(h.get("epoch_s", 0.0) for h in result.history), 3),
-                  pretrain_total_s=round(total_s if result.seconds else sum(h.get("epoch_s", 0.0) for h in result.history), 3),
+    record.update(pretrain_s=round(epochs_s, 3), pretrain_total_s=round(total_s if result.seconds else epochs_s, 3),
+                  pretrain_startup_s=None if first is None else round(first - called - result.cache_s, 3),
+                  decode_cache_s=round(result.cache_s, 3), cache_decoded=result.cached,
                   workers=pcfg.num_workers, use_gpu=pcfg.use_gpu, gpus_per_worker=1 if pcfg.use_gpu else 0,
                   epoch=result.metrics.get("epoch"), loss=result.metrics.get("loss"), checkpoint=result.model_path)
     record.update(_evaluations(plan, shared, spec, trial_id, result.model_path))
@@ -602,7 +700,7 @@ def build_scheduler(plan: SweepPlan):
 
 def _plan_digest(plan: SweepPlan, shared: Shared) -> str:
     doc = {"plan": {k: v for k, v in asdict(plan).items() if k != "sweep"},
-           "trials": [{k: v for k, v in t.to_param().items() if k != "select_s"} for t in shared.trials]}
+           "trials": [{k: v for k, v in t.to_param().items() if k not in ("select_s", "costs")} for t in shared.trials]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -633,7 +731,7 @@ def collect_results(grid, shared: Shared) -> list[dict[str, Any]]:
     for r in grid:
         spec = by_key.get(((r.config or {}).get("trial") or {}).get("key"))
         m = dict(r.metrics or {})
-        base = {k: v for k, v in asdict(spec).items() if k in RECORD_KEYS} if spec else {}
+        base = spec.record_fields() if spec else {}
         if r.error is not None:
             status, error = "error", _one_line(r.error)
         elif "lp_acc" not in m and "ff_acc" not in m:
@@ -692,4 +790,5 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
 
 
 __all__ = ["AshaConfig", "SweepConfig", "SweepPlan", "TrialSpec", "build_scheduler", "check_plan", "collect_results",
-           "concurrent_trials", "load_plan", "methods_per_surrogate", "prepare", "run_sweep", "run_trial"]
+           "concurrent_trials", "data_paths", "keepset_costs", "load_plan", "methods_per_surrogate", "prepare", "run_sweep",
+           "run_trial", "trial_pretrain_config"]

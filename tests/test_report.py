@@ -10,8 +10,19 @@ import pytest
 
 from dp4tl_ray.cli import run
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.report import (READING, accuracy_figure, accuracy_rows, accuracy_table, comparisons, interval95,
-                              report_markdown, time_rows, write_report)
+from dp4tl_ray.report import (
+    READING,
+    accuracy_figure,
+    accuracy_rows,
+    accuracy_table,
+    comparisons,
+    cost_table,
+    interval95,
+    report_markdown,
+    time_rows,
+    with_images_removed,
+    write_report,
+)
 from dp4tl_ray.results import load_results, parse_results
 
 GROUP = ("supervised", "resnet18", "resnet18", "task_0")
@@ -80,6 +91,53 @@ def test_time_saved_counts_selection_against_dense_pretraining(tmp_path):
     assert lm["device_unit"] == "GPU-hours" and lm["device_hours_saved"] == pytest.approx(1.0)
 
 
+def _costed(method, ratio, seed, pretrain_s, **kw):
+    """A trial with every stage of its keep-set recorded (seconds), on 2 workers x 1 GPU."""
+    stages = {"surrogate_s": 300.0, "surrogate_cost": "trained", "extract_source_s": 120.0, "extract_task_s": 10.0,
+              "kmeans_s": 0.0, "scores_s": 0.0, "select_s": 5.0, "reused_stages": []}
+    if method == "dense":
+        stages = {k: None for k in stages}
+    return _trial(method, ratio, seed, 0.7, pretrain_s=pretrain_s, **{**stages, **kw})
+
+
+def test_table2_counts_every_stage_of_a_keepset_end_to_end():
+    """End to end = surrogate + extractions + k-means/scores + selection + the whole pretraining run;
+    scores count in every keep-set that uses them (reused ones marked); a declared surrogate cost shows as such."""
+    trials = parse_results("\n".join(json.dumps(t) for t in [
+        _costed("dense", 0.0, 0, 3240.0, surrogate=None),  # pretrain_total_s 3600
+        _costed("lm", 0.8, 0, 720.0),  # 435 s keep-set + 1080 s pretraining
+        _costed("el2n", 0.8, 0, 720.0, scores_s=600.0),
+        _costed("el2n", 0.8, 1, 720.0, scores_s=600.0, reused_stages=["scores", "surrogate"]),
+        _costed("fm", 0.8, 0, 720.0, surrogate_s=7200.0, surrogate_cost="declared", kmeans_s=65.0),
+    ]))
+    times = time_rows(trials)
+    lm, el2n, fm, dense = (_row(times, m, q) for m, q in (("lm", 0.8), ("el2n", 0.8), ("fm", 0.8), ("dense", 0.0)))
+    assert dense["keepset_s"] == 0 and dense["end_to_end_s"] == pytest.approx(3600)
+    assert lm["keepset_s"] == pytest.approx(435) and lm["end_to_end_s"] == pytest.approx(1515)
+    assert lm["pretrain_speedup"] == pytest.approx(3600 / 1080) and lm["end_to_end_speedup"] == pytest.approx(3600 / 1515)
+    assert lm["end_to_end_device_hours"] == pytest.approx(2 * 1515 / 3600) and lm["device_unit"] == "GPU-hours"
+    assert el2n["keepset_s"] == pytest.approx(1035) and el2n["n"] == 2  # both seeds pay the scores
+    assert fm["keepset_s"] == pytest.approx(7200 + 130 + 65 + 5) and fm["surrogate_cost"] == "declared"
+    assert lm["saved_frac"] == pytest.approx(1 - (720 + 435) / 3240)  # saved vs dense epochs, keep-set included
+    table = cost_table(times, GROUP).splitlines()
+    assert "end-to-end GPU-hours" in table[0] and "end-to-end speed-up" in table[0]
+    assert table[3].startswith("| lm | 80% | 0.0 | 0.121 | 0.300 | 0.421 | 0.842 | 3.33 | 2.38 |")
+    el2n_line = next(line for line in table if line.startswith("| el2n"))
+    assert "reused: scores, surrogate (original cost)" in el2n_line
+    assert "surrogate declared" in next(line for line in table if line.startswith("| fm"))
+    assert "the paper's Table 2" in report_markdown(trials, accuracy_rows(trials), times)
+
+
+def test_accuracy_is_also_placed_at_the_fraction_of_images_removed(tmp_path):
+    trials = load_results(_sweep(tmp_path))
+    acc = [r for r in accuracy_rows(trials) if r["metric"] == "lp"]
+    placed = with_images_removed(acc, time_rows(trials))
+    assert _row(placed, "lm", 0.5)["images_removed_frac"] == pytest.approx(0.5)  # 480 and 520 of 1000 kept
+    assert _row(placed, "lm", 0.8)["images_removed_frac"] == pytest.approx(0.8)
+    assert _row(placed, "fm", 0.5)["images_removed_frac"] == pytest.approx(0.0)  # its units held no images
+    assert _row(placed, "dense", 0.0)["images_removed_frac"] == pytest.approx(0.0)
+
+
 def test_random_init_is_a_reference_row_in_every_group_and_costs_no_pretraining():
     """The untrained-backbone baseline (no surrogate, no mode) joins each mode's table as a constant row."""
     trials = [_trial("dense", 0.0, 0, 0.70, surrogate=None, select_s=0.0),
@@ -139,9 +197,10 @@ def _assert_real_png(path):
 
 def test_write_report_files_and_plots(tmp_path):
     paths = write_report(_sweep(tmp_path / "sweep"), tmp_path / "out")
-    assert sorted(paths) == ["accuracy.csv", "accuracy_ff.png", "accuracy_lp.png", "report.md", "time.csv", "time.png"]
+    assert sorted(paths) == ["accuracy.csv", "accuracy_ff.png", "accuracy_ff_images.png", "accuracy_lp.png",
+                             "accuracy_lp_images.png", "report.md", "time.csv", "time.png"]
     assert all(p.parent == tmp_path / "out" for p in paths.values())
-    for name in ("accuracy_lp.png", "accuracy_ff.png", "time.png"):
+    for name in ("accuracy_lp.png", "accuracy_ff.png", "time.png", "accuracy_lp_images.png"):
         _assert_real_png(paths[name])
     rows = list(csv.DictReader(io.StringIO(paths["accuracy.csv"].read_text())))
     assert {r["metric"] for r in rows} == {"lp", "ff", "lp_test_max"}

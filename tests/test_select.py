@@ -169,6 +169,22 @@ def test_score_baselines_use_cached_scores(world, tmp_path):
     assert ks.meta.extra["scores"]["path"] == str(tmp_path / "scores.parquet")  # the keep-set names its scores
 
 
+def test_every_keepset_that_uses_scores_counts_their_recorded_cost(world, tmp_path):
+    """scores.json beside scores.parquet records what the scores cost (models + scoring): each keep-set
+    read from them counts those seconds, not the moment it took to read them."""
+    import pyarrow as pa
+
+    _, _, source, _, _ = world
+    ids = source.read(["id"]).column("id").to_numpy()
+    score = np.arange(len(ids), dtype=np.float32)
+    pq.write_table(pa.table({"id": ids, "el2n": score, "grand": score}), tmp_path / "scores.parquet")
+    (tmp_path / "scores.json").write_text(json.dumps({"scores_seconds": 1234.5}))
+    for method, ratio in (("el2n", 0.5), ("el2n", 0.8), ("grand", 0.8)):
+        ks = _select(world, method, ratio=ratio, scores=str(tmp_path), name=f"{method}-{ratio}-costed")
+        costs = ks.meta.extra["costs"]
+        assert costs["scores_s"] == 1234.5 and costs["scores_reused"] is True and costs["reused"] is False
+
+
 def test_a_selection_is_reused_until_one_of_its_inputs_changes(world, tmp_path):
     """The same inputs again: the keep-set already at ``out`` comes back with its recorded costs, without
     k-means and without writing; another ratio or another downstream store selects again."""

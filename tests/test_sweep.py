@@ -46,6 +46,9 @@ def _write(tmp_path: Path, edit) -> Path:
     (lambda d: d["sweep"].update(surrogate_modes={"lm": "simclr"}), "unknown mode 'simclr'"),
     (lambda d: d["evaluate"].update(seed=3), "evaluate.seed is set by the sweep"),
     (lambda d: d["surrogate"].update(mode="moco_v2"), "surrogate.mode is set by the sweep"),
+    (lambda d: d["sweep"].update(surrogate_costs={"resnet50": 60}), "a declared cost is for a given checkpoint"),
+    (lambda d: d["sweep"].update(surrogate_checkpoints={"resnet50": "w.pt"}, surrogate_costs={"resnet50": -1}),
+     "must be seconds >= 0"),
 ])
 def test_bad_sweep_config_is_a_one_line_error(tmp_path, edit, message):
     with pytest.raises(UserError) as e:
@@ -116,13 +119,14 @@ def test_fm_gets_its_own_self_supervised_surrogate():
 
 
 def test_a_surrogate_checkpoint_is_given_per_surrogate_name(tmp_path):
-    from dp4tl_ray.sweep import SurrogateRef, _surrogate
+    from dp4tl_ray.sweep import SurrogateCost, SurrogateRef, _surrogate
 
     (tmp_path / "moco.pt").write_bytes(b"weights")
     plan = load_plan(_write(tmp_path, lambda d: d["sweep"].update(
         methods=["lm", "fm"], surrogate_modes={"fm": "moco_v2"},
         surrogate_checkpoints={"resnet18-moco_v2": str(tmp_path / "moco.pt")})))
-    assert _surrogate(plan, SurrogateRef("resnet18", "moco_v2"), "-", tmp_path) == (str(tmp_path / "moco.pt"), 0.0)
+    assert _surrogate(plan, SurrogateRef("resnet18", "moco_v2"), "-", tmp_path) == \
+        (str(tmp_path / "moco.pt"), SurrogateCost(None, "undeclared"))  # a given checkpoint with no declared cost
 
 
 def test_the_evaluation_follows_the_trial_seed(tmp_path):
@@ -145,6 +149,44 @@ def test_a_trial_spec_is_plain_data_for_tune_and_back():
     param = spec.to_param()
     assert param["key"] == "lm-0p5-resnet18-supervised-task_0-s1" and json.loads(json.dumps(param)) == param
     assert TrialSpec.from_param(param) == spec
+
+
+def test_dense_and_pruned_runs_share_the_data_path_decided_from_the_dense_size(tmp_path):
+    """The decode cache is decided once from the dense size: a pruned keep-set that alone would fit the
+    object store still streams when the dense source does not (and the other way round)."""
+    from dp4tl_ray.sweep import TrialSpec, data_paths, trial_pretrain_config
+    from dp4tl_ray.train.trainer import decode_cache_fits
+
+    plan = load_plan(TINY)
+    settings = plan.settings("pretrain", "supervised")
+    dense, store = 1000, 1.6e6  # 16 px: 780 B an image; a quarter of the store holds ~512 images
+    assert decode_cache_fits(settings, dense // 5, store) and not decode_cache_fits(settings, dense, store)
+    assert data_paths(plan, dense, store) == {"supervised": False}
+    assert data_paths(plan, dense // 5, store) == {"supervised": True}
+    for method, ratio, kept in (("dense", 0.0, dense), ("lm", 0.8, dense // 5)):
+        spec = TrialSpec(method, ratio, None, "supervised", "task_0", 0, "resnet18", None, 0.0, 6, 6, kept, dense,
+                         cache_decoded=data_paths(plan, dense, store)["supervised"])
+        assert trial_pretrain_config(plan, spec, "src", tmp_path, "run").cache_decoded == "false"
+    forced = load_plan(_write(tmp_path, lambda d: d["pretrain"].update(cache_decoded="true")))
+    assert data_paths(forced, dense, store) == {"supervised": True}
+
+
+def test_a_keepset_costs_every_stage_that_produced_it_reused_ones_marked():
+    from dp4tl_ray.results import KEEPSET_COST_KEYS, keepset_seconds
+    from dp4tl_ray.sweep import TrialSpec, keepset_costs
+
+    before = {"surrogate_s": 300.0, "surrogate_cost": "trained", "extract_source_s": 40.0, "extract_task_s": 2.0,
+              "reused_stages": ["surrogate"]}
+    selection = {"select_s": 1.5, "kmeans_s": 0.0, "scores_s": 900.0, "reused": True, "scores_reused": True}
+    costs = keepset_costs(selection, before)
+    assert costs["reused_stages"] == ["surrogate", "scores", "select"] and costs["scores_s"] == 900.0
+    spec = TrialSpec("el2n", 0.8, "resnet18", "supervised", "task_0", 0, "resnet18", "/k", 1.5, 9, 48, 9, 48,
+                     costs=costs, cache_decoded=True)
+    record = spec.record_fields()
+    assert set(KEEPSET_COST_KEYS) <= set(record) and record["cache_decoded"] is True
+    assert keepset_seconds(record) == pytest.approx(300 + 40 + 2 + 900 + 1.5)
+    free = keepset_costs({"select_s": 0.1, "kmeans_s": 0.0, "scores_s": 0.0, "reused": False}, None)
+    assert free["surrogate_s"] is None and free["reused_stages"] == []  # random-class never reads the surrogate
 
 
 def test_plan_sections_read_as_their_stage_configs_with_the_dataclass_defaults():
@@ -314,6 +356,10 @@ def test_sweep_job_on_a_local_head_resumes_after_stop(local_head, tmp_path):
     assert all(r["status"] == "ok" and 0 <= r["lp_acc"] <= 1 for r in records), records
     lm = next(r for r in records if r["method"] == "lm")
     assert lm["kept_units"] == 3 and lm["total_units"] == 6 and lm["kept_images"] == 24
+    # its keep-set's cost, stage by stage (the surrogate trained here), and the sweep's one data path
+    assert lm["surrogate_cost"] == "trained" and lm["surrogate_s"] > 0 and lm["extract_source_s"] > 0
+    assert lm["extract_task_s"] > 0 and lm["select_s"] >= 0 and lm["pretrain_total_s"] >= lm["pretrain_s"] > 0
+    assert lm["cache_decoded"] is json.loads((storage / "tiny" / "work" / "data_path.json").read_text())["cache_decoded"]["supervised"]
     starts = [json.loads(line)["key"] for line in (storage / "tiny" / "work" / "trial_starts.log").read_text().splitlines()]
     assert first and set(starts) == {r["key"] for r in records}
     for key in first:  # finished before the stop: never started again

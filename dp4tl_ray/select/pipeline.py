@@ -223,18 +223,24 @@ def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, floa
     is the scores' whole recorded cost (training + scoring), counted in every keep-set that uses them."""
     from dp4tl_ray.data.decode import DecodeSpec
     from dp4tl_ray.models import ModelSpec
+    from dp4tl_ray.select.baselines import SCORES_FILE
     from dp4tl_ray.select.scores import ScoreConfig, compute_scores, load_scores
 
+    t0 = time.perf_counter()
     if cfg.scores:
         scores = load_scores(cfg.scores, cfg.method)
+        spent["scores_reused"] = 1.0
     else:
         m = source.manifest
         spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
         seeds = {"seeds": tuple(cfg.score_seeds)} if cfg.score_seeds is not None else {}
         scfg = ScoreConfig(cfg.method, epochs=cfg.score_epochs, num_workers=cfg.score_workers,
                            use_gpu=cfg.score_use_gpu, **seeds)
-        scores = compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), scfg, out=source.path / scfg.dir_name())
-    spent["scores_s"] = float(scores.meta.get("scores_seconds", 0.0))
+        out = source.path / scfg.dir_name()
+        spent["scores_reused"] = float((out / SCORES_FILE).is_file())
+        scores = compute_scores(m["source"], spec, DecodeSpec(**m["decode"]), scfg, out=out)
+    spent["scores_wall_s"] = time.perf_counter() - t0
+    spent["scores_s"] = float(scores.meta.get("scores_seconds", spent["scores_wall_s"]))
     return scores
 
 
@@ -341,8 +347,10 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
     when it was selected from the same inputs.
 
     ``meta.extra["costs"]`` records the selection's seconds: ``kmeans_s`` (the k-means run's own, also
-    when k-means reused its result), ``scores_s`` (computing or reading EL2N/GraNd scores) and ``select_s``
-    (the rest); ``reused`` is true when this call returned an earlier selection with its original costs.
+    when k-means reused its result), ``scores_s`` (EL2N/GraNd: the scores' own recorded cost,
+    ``scores_seconds`` in ``scores.json`` beside ``scores.parquet``, also when they were computed
+    earlier, ``scores_reused``; else the seconds spent here) and ``select_s`` (the rest); ``reused`` is
+    true when this call returned an earlier selection with its original costs.
     """
     cfg.validate()
     source = FeatureStore.open(cfg.source_features)
@@ -354,9 +362,10 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
     spent: dict[str, float] = {}
     select = _unit_selection if cfg.method in UNIT_METHODS else _baseline_selection
     ids, meta = select(cfg, source, spent)
-    own_s = time.perf_counter() - t0 - spent.get("kmeans_wall_s", 0.0) - spent.get("scores_s", 0.0)
+    own_s = time.perf_counter() - t0 - spent.get("kmeans_wall_s", 0.0) - spent.get("scores_wall_s", 0.0)
     costs = {"select_s": own_s, "kmeans_s": spent.get("kmeans_s", 0.0), "scores_s": spent.get("scores_s", 0.0)}
-    meta.extra.update(select_key=key, costs={**{k: round(v, 3) for k, v in costs.items()}, "reused": False})
+    meta.extra.update(select_key=key, costs={**{k: round(v, 3) for k, v in costs.items()}, "reused": False,
+                                             "scores_reused": bool(spent.get("scores_reused"))})
     keepset = KeepSet(ids, meta)
     keepset.write(cfg.out)
     return keepset

@@ -304,6 +304,9 @@ def load_scores(path: str | os.PathLike, score: str) -> Scores:
                         f"compute {score} scores or pass another file")
     with reading(file, fix):
         meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    beside = file.parent / META_FILE  # scores.json: the same record, also for a file written elsewhere
+    if not meta and beside.is_file():
+        meta = read_json(beside, fix)
     return Scores(table.select(["id", score]).replace_schema_metadata(None), {**meta, "path": str(file)})
 
 

@@ -60,15 +60,20 @@ def train_decode_spec(cfg: PretrainConfig):
     return DecodeSpec.for_size(cfg.image_size, cfg.resize_size, crop=False)
 
 
-def use_decode_cache(cfg: PretrainConfig, images: int) -> bool:
-    """Whether to decode once and cache: forced by ``cache_decoded``, or (auto) when the kept images
-    fit :data:`CACHE_STORE_FRACTION` of the cluster's object store."""
+def decode_cache_fits(cfg: PretrainConfig, images: int, store_bytes: float) -> bool:
+    """Whether to decode ``images`` once and cache them: forced by ``cache_decoded``, or (auto) when
+    they fit :data:`CACHE_STORE_FRACTION` of an object store of ``store_bytes``."""
     if cfg.cache_decoded != "auto":
         return cfg.cache_decoded == "true"
+    return decoded_bytes(cfg, images) <= CACHE_STORE_FRACTION * store_bytes
+
+
+def use_decode_cache(cfg: PretrainConfig, images: int) -> bool:
+    """:func:`decode_cache_fits` in the running cluster's object store. A sweep decides this once, from
+    the dense size, and forces it on every run (the same data path for dense and pruned runs)."""
     import ray
 
-    store = float(ray.cluster_resources().get("object_store_memory", 0))
-    return decoded_bytes(cfg, images) <= CACHE_STORE_FRACTION * store
+    return decode_cache_fits(cfg, images, float(ray.cluster_resources().get("object_store_memory", 0)))
 
 
 def augmented_dataset(decoded, cfg: PretrainConfig):
@@ -205,5 +210,5 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
                           images=images, seconds=seconds, cache_s=cache_s, cached=cached)
 
 
-__all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decoded_bytes", "pretrain",
+__all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decode_cache_fits", "decoded_bytes", "pretrain",
            "source_labels", "train_decode_spec", "training_dataset", "use_decode_cache"]
