@@ -33,6 +33,7 @@ from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.config import from_dict, load_yaml
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import FeatureStore
+from dp4tl_ray.progress import say
 from dp4tl_ray.results import DENSE, RANDOM_INIT, RECORD_KEYS, REFERENCES, write_results
 from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, UNIT_METHODS, select_keepset
 
@@ -332,7 +333,8 @@ def _surrogate(plan: SweepPlan, arch: str, source: str, work: Path) -> tuple[str
         if not Path(given).is_file():
             raise UserError(f"sweep.surrogate_checkpoints.{arch}: {given} is not a file")
         return str(Path(given).resolve()), 0.0
-    r = pretrain(plan.stage("surrogate", arch=arch, source=source, out=str(work / "runs"), name=f"surrogate-{arch}"))
+    r = pretrain(plan.stage("surrogate", arch=arch, source=source, out=str(work / "runs"), name=f"surrogate-{arch}"),
+                 progress=f"surrogate {arch}")
     print(f"[sweep] surrogate {arch}: {r.metrics.get('epoch')} epochs, loss {r.metrics.get('loss', float('nan')):.3f}")
     return r.model_path, float(sum(h.get("epoch_s", 0.0) for h in r.history))
 
@@ -387,6 +389,8 @@ def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[
                                            source_features=str(features.source.path),
                                            downstream_features=[str(features.tasks[task].path)],
                                            out=str(keepset_dir(method, ratio)), match=match and str(match)))
+            say("select", f"keep-set {method} r{ratio:g} {task} s{seed}", units=f"{ks.meta.units_kept}/{ks.meta.units_total}",
+                images=f"{ks.meta.images_kept:,}/{ks.meta.images_total:,}")
             if method not in sw.methods:
                 continue  # selected only as another method's image budget
             costs = ks.meta.extra["costs"]
@@ -594,12 +598,15 @@ def collect_results(grid, shared: Shared) -> list[dict[str, Any]]:
     return sorted(records, key=lambda x: x.get("key") or "")
 
 
-def run_sweep(plan: SweepPlan) -> dict[str, Any]:
-    """Prepare the shared work, run (or resume) the Tune experiment, write results.jsonl and the report."""
+def run_sweep(plan: SweepPlan, verbose: bool = False) -> dict[str, Any]:
+    """Prepare the shared work, run (or resume) the Tune experiment, write results.jsonl and the report.
+    ``verbose`` adds Tune's per-result tables to its status table and the lines of progress."""
     import ray
     from ray import tune
 
+    from dp4tl_ray.explain.report_pages import explain_keepsets
     from dp4tl_ray.report import write_report
+    from dp4tl_ray.sweep_progress import TrialLines, status_table, use_classic_output
 
     sw = plan.sweep
     # Tune saves its experiment state at most every 10 s by default; a sweep stopped in that window would
@@ -613,6 +620,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
                                         for m in sw.modes)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, shared=shared), _trial_resources(cluster))
     print(f"[sweep] {len(shared.trials)} trials, {n} at a time -> {sw.path}")
+    use_classic_output()  # before the Tuner is made: the one engine that takes the status table's columns
     if tune.Tuner.can_restore(sw.path):
         print(f"[sweep] resuming {sw.path}: finished trials are kept, the rest run")
         tuner = tune.Tuner.restore(sw.path, trainable=trainable, resume_errored=True)
@@ -623,7 +631,10 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
             tune_config=tune.TuneConfig(max_concurrent_trials=n, scheduler=build_scheduler(plan),
                                         trial_name_creator=lambda t: t.config["trial"]["key"],
                                         trial_dirname_creator=lambda t: f"{t.trial_id}-{t.config['trial']['key']}"),
-            run_config=tune.RunConfig(name=sw.name, storage_path=sw.path.rsplit("/", 1)[0]),
+            run_config=tune.RunConfig(name=sw.name, storage_path=sw.path.rsplit("/", 1)[0], progress_reporter=status_table(),
+                                      verbose=3 if verbose else 1,
+                                      callbacks=[TrialLines({m: plan.settings("pretrain", m).epochs for m in sw.modes},
+                                                            len(shared.trials))]),
         )
     grid = tuner.fit()
     records = collect_results(grid, shared)
@@ -632,7 +643,9 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
                "ok": sum(r["status"] == "ok" for r in records), "seconds": round(time.perf_counter() - t0, 1)}
     if summary["ok"]:
         local = sw.work / "report" if is_uri(sw.path) else None  # a report is local files; a URI sweep's goes to work_dir
-        summary["report"] = {k: str(v) for k, v in write_report(sw.path, local).items()}
+        report = write_report(sw.path, local)
+        report.update(explain_keepsets(report["report.md"].parent, sorted({t.keepset for t in shared.trials if t.keepset})))
+        summary["report"] = {k: str(v) for k, v in report.items()}
     return summary
 
 
