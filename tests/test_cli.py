@@ -80,3 +80,12 @@ def test_extract_prints_rows_done_out_of_total(ray_local, synth_dirty, tmp_path,
     assert run(["extract", "--source", str(synth_dirty.source_dir), "--out", str(tmp_path / "store"), "--arch", "resnet18",
                 "--image-size", "32", "--resize-size", "32", "--batch-size", "16", "--num-actors", "1"]) == 0
     assert f"is up to date: reusing its {readable} rows" in capsys.readouterr().out
+
+
+def test_sweep_verbose_flag_before_or_after_the_command():
+    from dp4tl_ray.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["sweep", "--config", "s.yaml"]).verbose is False
+    assert parse(["-v", "sweep", "--config", "s.yaml"]).verbose is True
+    assert parse(["sweep", "--config", "s.yaml", "--verbose"]).verbose is True
