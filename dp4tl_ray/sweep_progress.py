@@ -20,6 +20,7 @@ from dp4tl_ray.train.epoch_progress import epoch_fields
 PARAMETER_COLUMNS = {f"trial/{k}": k for k in ("method", "ratio", "mode", "task", "seed")}
 METRIC_COLUMNS = {"epoch": "epoch", "loss": "loss", "images_per_s": "images/s", "lp_acc": "lp acc", "ff_acc": "ff acc"}
 EVAL_KEYS = ("lp_acc", "ff_acc")  # a result with these is a trial's final record, not an epoch
+ENDED = ("TERMINATED", "ERROR")  # Tune's states of a trial that will not run again
 TABLE_EVERY_S = 60  # the status table at most once a minute: the lines below say what happens in between
 
 
@@ -47,7 +48,6 @@ class TrialLines(tune.Callback):
 
     def __init__(self, epochs_by_mode: dict[str, int], n_trials: int):
         self.epochs_by_mode, self.n_trials = epochs_by_mode, n_trials
-        self.ended = 0
         self.shown: dict[str, Progress] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
@@ -61,16 +61,17 @@ class TrialLines(tune.Callback):
             shown.update(int(result["epoch"]), **epoch_fields(result))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._ended(trial, "done", **{k: trial.last_result.get(k) for k in EVAL_KEYS})
+        self._ended(trials, trial, "done", **{k: trial.last_result.get(k) for k in EVAL_KEYS})
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._ended(trial, "FAILED", error=trial.error_file or "see the trial's error.txt")
+        self._ended(trials, trial, "FAILED", error=trial.error_file or "see the trial's error.txt")
 
-    def _ended(self, trial, status: str, **fields: Any) -> None:
-        self.ended += 1
+    def _ended(self, trials: list, trial, status: str, **fields: Any) -> None:
+        # counted from the trials' states, so a resumed sweep counts the trials finished before it too
+        ended = len({t.trial_id for t in trials if t.status in ENDED} | {trial.trial_id})
         self.shown.pop(trial.trial_id, None)
         took = trial.last_result.get("time_total_s")
-        say("trial", f"{self.ended}/{self.n_trials} {status}: {trial_label(trial.config['trial'])}", **fields,
+        say("trial", f"{ended}/{self.n_trials} {status}: {trial_label(trial.config['trial'])}", **fields,
             time=format_duration(took) if took is not None else None)
 
 

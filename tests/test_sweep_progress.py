@@ -33,18 +33,20 @@ def test_status_table_names_each_field_of_the_trial_not_the_spec_dict():
 
 
 def test_a_line_per_epoch_with_eta_then_one_when_the_trial_ends(capsys):
-    lines = TrialLines({"supervised": 4}, n_trials=2)
+    lines = TrialLines({"supervised": 4}, n_trials=3)
     trial = _trial(SPEC)
+    before = _trial(SPEC)  # finished before a resume: counts as ended
+    before.trial_id, before.status = "earlier", Trial.TERMINATED
     lines.on_trial_start(0, [trial], trial)
     lines.on_trial_result(0, [trial], trial, {"epoch": 1, "loss": 2.5, "images_per_s": 100.0})
     lines.on_trial_result(0, [trial], trial, {"epoch": 1, "loss": 2.5, "lp_acc": 0.5})  # the final record: no epoch line
     trial.run_metadata.last_result = {"lp_acc": 0.6125, "time_total_s": 75.0}
-    lines.on_trial_complete(0, [trial], trial)
+    lines.on_trial_complete(0, [before, trial], trial)
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2, out
     assert out[0].startswith("[trial lm r0.5 supervised uci_digits s0] 1/4 epochs (25%) | ETA ")
     assert out[0].endswith("| loss 2.5 | images/s 100")
-    assert out[1] == "[trial] 1/2 done: lm r0.5 supervised uci_digits s0 | lp acc 0.6125 | time 1m15s"
+    assert out[1] == "[trial] 2/3 done: lm r0.5 supervised uci_digits s0 | lp acc 0.6125 | time 1m15s"
 
 
 def test_a_reference_trial_is_named_without_ratio_or_mode(capsys):
