@@ -87,8 +87,8 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     from dp4tl_ray.features import ExtractConfig, extract_features
 
     cfg = _config_from_args(ExtractConfig, args)
-    init_ray()
-    store = extract_features(cfg)
+    init_ray(verbose=args.verbose)
+    store = extract_features(cfg, progress=args.verbose)
     print(format_extract_summary(store))
 
 
@@ -114,7 +114,7 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
     cfg = _config_from_args(SelectConfig, args)
     if uses_ray(cfg):
-        init_ray()
+        init_ray(verbose=args.verbose)
     print(format_keepset_summary(select_keepset(cfg), cfg.out))
 
 
@@ -122,8 +122,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from dp4tl_ray.train.trainer import PretrainConfig, pretrain
 
     cfg = _config_from_args(PretrainConfig, args)
-    init_ray()
-    r = pretrain(cfg)
+    init_ray(verbose=args.verbose)
+    r = pretrain(cfg, progress=f"pretrain {cfg.name}")
     m = r.metrics
     print(f"pretrained {m.get('epoch')} epoch(s) on {r.images} images of {len(r.kept_classes)} classes "
           f"in {r.seconds:.0f}s (last epoch: loss {m.get('loss', float('nan')):.4f}, {m.get('images_per_s', 0):.0f} images/s)")
@@ -134,7 +134,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from dp4tl_ray.train.evaluate import EvalConfig, evaluate
 
     cfg = _config_from_args(EvalConfig, args)
-    init_ray()
+    init_ray(verbose=args.verbose)
     r = evaluate(cfg)
     print(f"{r['mode'].upper()} on {r['task']}: test top-1 {r['test_acc']:.4f} at epoch {r['best_epoch']} "
           f"(chosen on validation, val {r['val_acc']:.4f}); max test over epochs {r['test_acc_max_over_epochs']:.4f} "
@@ -165,17 +165,23 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="override sweep.name (the same name resumes)")
     parser.add_argument("--storage-path", default=None, help="override sweep.storage_path (local dir or s3://...)")
     parser.add_argument("--work-dir", default=None, help="override sweep.work_dir (shared artifacts)")
+    # SUPPRESS: absent unless given, so `dp4tl -v sweep` (the top-level flag) still counts
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also show Ray's worker logs and Tune's per-result tables")
 
 
-def init_ray(worker_logs: bool = True) -> None:
+def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
     """Ray for an entry point (the library never starts it): attach to the cluster named by RAY_ADDRESS
     (set by `ray job submit`), else start an embedded local Ray whose node also holds the trial-driver
     resource a sweep's Tune trials ask for. ``worker_logs`` False keeps workers' output off the console
-    (a sweep's many trials). Nothing happens when Ray is already up."""
+    (a sweep's many trials); ``verbose`` keeps Ray Data's own logs on it. Nothing starts when Ray is up."""
     import os
 
     import ray
 
+    from dp4tl_ray.sweep import TRIAL_RESOURCE
+
+    quiet_ray_data(verbose)
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -186,18 +192,44 @@ def init_ray(worker_logs: bool = True) -> None:
                  log_to_driver=worker_logs)
 
 
+BARS_OFF_NOTICE = "Progress bars disabled."
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Unless ``verbose``, Ray Data's per-dataset execution logs and progress bars go to its log file only
+    (every stage prints its own progress lines); its warnings still reach the console."""
+    if verbose:
+        return
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's console handler; its file handlers keep all
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and handler.level < logging.WARNING:  # not yet quietened (a second command in this process)
+            handler.setLevel(logging.WARNING)
+            # Ray Data warns that the bars are off, which is what we asked for: not news on the console.
+            handler.addFilter(lambda record: not record.getMessage().startswith(BARS_OFF_NOTICE))
+
+
 def run_sweep_command(args: argparse.Namespace) -> None:
+    """Run the sweep; its last lines say where the report and the keep-set explorer pages are."""
+    from dp4tl_ray.explain.report_pages import EXPLAIN_DIR
     from dp4tl_ray.sweep import load_plan, run_sweep
 
     plan = load_plan(args.config, {"name": args.name, "storage_path": args.storage_path, "work_dir": args.work_dir})
-    init_ray(worker_logs=False)
-    s = run_sweep(plan)
+    verbose = getattr(args, "verbose", False)
+    init_ray(verbose, worker_logs=verbose)
+    s = run_sweep(plan, verbose=verbose)
     print(f"[sweep] {s['ok']}/{s['trials']} trials ok in {s['seconds']:.0f}s; results: {s['results']}")
     report = s.get("report")
     if report:
         print(Path(report["report.md"]).read_text())
         for path in report.values():
             print(f"[sweep] wrote {path}")
+        print(f"[sweep] report: {report['report.md']}")
+        for name, page in report.items():
+            if name.startswith(EXPLAIN_DIR + "/"):
+                print(f"[sweep] keep-set explorer: {page}")
 
 
 def build_parser() -> argparse.ArgumentParser:

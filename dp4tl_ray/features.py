@@ -29,6 +29,7 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
 from dp4tl_ray.parts import PartStaging, commit_part, discard_staging, part_rows
 from dp4tl_ray.pool import InferencePool
+from dp4tl_ray.progress import EVERY_S, Progress, say
 from dp4tl_ray.select.keepset import filter_by_ids
 
 if TYPE_CHECKING:
@@ -130,8 +131,9 @@ def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[Mo
     return base, {"name": cfg.arch, **asdict(base), **ident}
 
 
-def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
-    """Run the surrogate over ``cfg.source`` and write (or reuse) the FeatureStore at ``cfg.out``."""
+def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore:
+    """Run the surrogate over ``cfg.source`` and write (or reuse) the FeatureStore at ``cfg.out``, printing
+    rows done / total as parts commit. ``progress`` also shows Ray Data's own progress bars (``--verbose``)."""
     import ray
 
     cfg.validate()
@@ -146,7 +148,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
     if (out / MANIFEST).is_file():
         existing = FeatureStore.open(out)
         if existing.manifest.get("store_key") == store_key:
-            log.info("FeatureStore %s is up to date (key %s): reusing it", out, store_key[:12])
+            say(f"extract {out.name}", f"FeatureStore {out} is up to date: reusing its {existing.manifest['num_rows']:,} rows")
             discard_staging(out)  # left over if a run was killed between its rename and its clean-up
             return existing
         log.info("FeatureStore %s is stale (inputs changed): rebuilding", out)
@@ -176,10 +178,14 @@ def extract_features(cfg: ExtractConfig, progress: bool = True) -> FeatureStore:
                              batch_size=part_rows(n_rows, cfg.batch_size), batch_format="pyarrow")
     if done.size < n_rows:  # else a kill came after every part was committed: only the assembly is left
         run, new_rows, t0 = staging.new_run(), 0, time.perf_counter()
+        shown = Progress(f"extract {out.name}", total=n_rows, unit="rows", rate_unit="images/s", start=done.size,
+                         every_s=EVERY_S)
         for commit in commits.iter_rows():
             new_rows += int(commit["rows"])
             staging.record_run(run, time.perf_counter() - t0, new_rows)
+            shown.update(done.size + new_rows)
         staging.record_run(run, time.perf_counter() - t0, new_rows)
+        shown.finish(done.size + new_rows)
     skipped = ray.get(ledger.rows.remote())
     files, written = staging.parts(), staging.committed_ids().size  # refused if a row was committed twice
     if written + len(skipped) != n_rows:

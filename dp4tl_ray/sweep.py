@@ -34,6 +34,7 @@ from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.config import from_dict, load_yaml
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore
+from dp4tl_ray.progress import say
 from dp4tl_ray.results import DENSE, RANDOM_INIT, RECORD_KEYS, REFERENCES, write_results
 from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, REVERSE, UNIT_METHODS, select_keepset
 
@@ -407,7 +408,8 @@ def _surrogate(plan: SweepPlan, ref: SurrogateRef, source: str, work: Path) -> t
     name = f"surrogate-{ref.name}"
     cost_file = work / "runs" / f"{name}.cost.json"
     t0 = time.perf_counter()
-    r = pretrain(plan.stage("surrogate", arch=ref.arch, mode=ref.mode, source=source, out=str(work / "runs"), name=name))
+    r = pretrain(plan.stage("surrogate", arch=ref.arch, mode=ref.mode, source=source, out=str(work / "runs"), name=name),
+                 progress=f"surrogate {ref.name}")
     print(f"[sweep] surrogate {ref.name}: {r.metrics.get('epoch')} epochs, loss {r.metrics.get('loss', float('nan')):.3f}")
     trained_now = r.seconds > 0
     if trained_now or not cost_file.is_file():  # an earlier run without a record: its epochs, the floor
@@ -484,6 +486,8 @@ def _keepset_trials(plan: SweepPlan, features: SurrogateFeatures, methods: list[
                                            source_features=str(features.source.path),
                                            downstream_features=[str(features.tasks[task].path)],
                                            out=str(keepset_dir(method, ratio)), match=match and str(match)))
+            say("select", f"keep-set {method} r{ratio:g} {task} s{seed}", units=f"{ks.meta.units_kept}/{ks.meta.units_total}",
+                images=f"{ks.meta.images_kept:,}/{ks.meta.images_total:,}")
             if method not in sw.methods:
                 continue  # selected only as another method's image budget
             m, free = ks.meta, method in SURROGATE_FREE
@@ -747,12 +751,15 @@ def collect_results(grid, shared: Shared) -> list[dict[str, Any]]:
     return sorted(records, key=lambda x: x.get("key") or "")
 
 
-def run_sweep(plan: SweepPlan) -> dict[str, Any]:
-    """Prepare the shared work, run (or resume) the Tune experiment, write results.jsonl and the report."""
+def run_sweep(plan: SweepPlan, verbose: bool = False) -> dict[str, Any]:
+    """Prepare the shared work, run (or resume) the Tune experiment, write results.jsonl and the report.
+    ``verbose`` adds Tune's per-result tables to its status table and the lines of progress."""
     import ray
     from ray import tune
 
+    from dp4tl_ray.explain.report_pages import explain_keepsets
     from dp4tl_ray.report import write_report
+    from dp4tl_ray.sweep_progress import TrialLines, status_table, use_classic_output
 
     sw = plan.sweep
     # Tune saves its experiment state at most every 10 s by default; a sweep stopped in that window would
@@ -766,6 +773,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
                                         for m in sw.modes)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, shared=shared), _trial_resources(cluster))
     print(f"[sweep] {len(shared.trials)} trials, {n} at a time -> {sw.path}")
+    use_classic_output()  # before the Tuner is made: the one engine that takes the status table's columns
     if tune.Tuner.can_restore(sw.path):
         print(f"[sweep] resuming {sw.path}: finished trials are kept, the rest run")
         tuner = tune.Tuner.restore(sw.path, trainable=trainable, resume_errored=True)
@@ -776,7 +784,10 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
             tune_config=tune.TuneConfig(max_concurrent_trials=n, scheduler=build_scheduler(plan),
                                         trial_name_creator=lambda t: t.config["trial"]["key"],
                                         trial_dirname_creator=lambda t: f"{t.trial_id}-{t.config['trial']['key']}"),
-            run_config=tune.RunConfig(name=sw.name, storage_path=sw.path.rsplit("/", 1)[0]),
+            run_config=tune.RunConfig(name=sw.name, storage_path=sw.path.rsplit("/", 1)[0], progress_reporter=status_table(),
+                                      verbose=3 if verbose else 1,
+                                      callbacks=[TrialLines({m: plan.settings("pretrain", m).epochs for m in sw.modes},
+                                                            len(shared.trials))]),
         )
     grid = tuner.fit()
     records = collect_results(grid, shared)
@@ -785,7 +796,9 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
                "ok": sum(r["status"] == "ok" for r in records), "seconds": round(time.perf_counter() - t0, 1)}
     if summary["ok"]:
         local = sw.work / "report" if is_uri(sw.path) else None  # a report is local files; a URI sweep's goes to work_dir
-        summary["report"] = {k: str(v) for k, v in write_report(sw.path, local).items()}
+        report = write_report(sw.path, local)
+        report.update(explain_keepsets(report["report.md"].parent, sorted({t.keepset for t in shared.trials if t.keepset})))
+        summary["report"] = {k: str(v) for k, v in report.items()}
     return summary
 
 

@@ -75,3 +75,29 @@ def test_every_stage_has_a_command_and_bad_input_exits_2(tmp_path, capsys):
     assert "ratio" in _one_line_error(capsys)
     assert run(["explain", str(tmp_path / "no-keepset")]) == 2
     assert "no keep-set at" in _one_line_error(capsys)
+
+
+@pytest.mark.ray
+def test_extract_prints_rows_done_out_of_total(ray_local, synth_dirty, tmp_path, capsys):
+    assert run(["extract", "--source", str(synth_dirty.source_dir), "--out", str(tmp_path / "store"), "--arch", "resnet18",
+                "--image-size", "32", "--resize-size", "32", "--batch-size", "16", "--num-actors", "1"]) == 0
+    from dp4tl_ray.featurestore import FeatureStore
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[extract store]")]
+    m = FeatureStore.open(tmp_path / "store").manifest
+    total, readable = m["num_inputs"], m["num_rows"]
+    assert readable < total  # the planted broken files are skipped
+    # the closing line: every readable row of every input file, the rate, and how long it took
+    assert lines[-1].startswith(f"[extract store] {readable}/{total} rows (") and " images/s | took " in lines[-1], lines
+    assert run(["extract", "--source", str(synth_dirty.source_dir), "--out", str(tmp_path / "store"), "--arch", "resnet18",
+                "--image-size", "32", "--resize-size", "32", "--batch-size", "16", "--num-actors", "1"]) == 0
+    assert f"is up to date: reusing its {readable} rows" in capsys.readouterr().out
+
+
+def test_sweep_verbose_flag_before_or_after_the_command():
+    from dp4tl_ray.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["sweep", "--config", "s.yaml"]).verbose is False
+    assert parse(["-v", "sweep", "--config", "s.yaml"]).verbose is True
+    assert parse(["sweep", "--config", "s.yaml", "--verbose"]).verbose is True

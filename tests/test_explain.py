@@ -28,7 +28,7 @@ from dp4tl_ray.data.parquet import shard_image_folder
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.explain import explain_keepset
 from dp4tl_ray.explain.evidence import pick_round_robin
-from dp4tl_ray.explain.explorer import ranks_in_detail
+from dp4tl_ray.explain.explorer import PAGE, ranks_in_detail
 from dp4tl_ray.explain.thumbnails import image_bytes, thumbnails
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
 from dp4tl_ray.select.keepset import META_FILE
@@ -209,6 +209,27 @@ def test_baseline_keepsets_have_no_votes_to_explain(world, tmp_path):
                                 out=str(tmp_path / "rc")))
     with pytest.raises(UserError, match="prunes without unit votes"):
         explain_keepset(tmp_path / "rc")
+
+
+def test_sweep_report_links_a_page_per_keepset_and_notes_the_unexplainable(world, tmp_path):
+    from dp4tl_ray.explain.report_pages import explain_keepsets
+
+    root, _ = world
+    keepsets = tmp_path / "work" / "keepsets" / "resnet18" / "task_a"
+    shutil.copytree(root / "lm", keepsets / "lm-r0p5-s0")
+    select_keepset(SelectConfig(method="random-class", ratio=0.5, source_features=str(root / "f-src"),
+                                out=str(keepsets / "random-class-r0p5-s0")))
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# Sweep\n\ntables\n")
+    pages = explain_keepsets(report, [str(keepsets / "lm-r0p5-s0"), str(keepsets / "random-class-r0p5-s0")])
+    assert pages == {"explain/resnet18-task_a-lm-r0p5-s0": report / "explain" / "resnet18-task_a-lm-r0p5-s0" / PAGE}
+    assert _parse(pages["explain/resnet18-task_a-lm-r0p5-s0"]).rows  # the units table is there
+    md = (report / "report.md").read_text()
+    assert md.startswith("# Sweep\n\ntables\n\n## Keep-sets")
+    assert "- [resnet18-task_a-lm-r0p5-s0](explain/resnet18-task_a-lm-r0p5-s0/index.html)" in md
+    note = next(line for line in md.splitlines() if line.startswith("- resnet18-task_a-random-class-r0p5-s0: no page ("))
+    assert "prunes without unit votes" in note
 
 
 def test_thumbnails_read_the_same_images_from_parquet_shards(world, tmp_path):

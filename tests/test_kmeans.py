@@ -119,6 +119,18 @@ def test_shard_steps_over_a_split_add_up_to_the_whole():
     assert whole[1].sum() == len(x)
 
 
+def test_kmeans_prints_a_line_per_iteration_with_objective_and_rows_searched(capsys):
+    x, _ = planted(1000)
+    shards = LocalShards([Shard(np.arange(500), x[:500]), Shard(np.arange(500, 1000), x[500:])])
+    run = kmeans_on_shards(shards, KMeansConfig(k=K, niter=4, seed=0), len(x))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[k-means]")]
+    assert lines[0].startswith("[k-means] 1/4 iterations (25%)") and lines[-1].startswith("[k-means] 4/4 iterations (100%)")
+    searched = [int(line.split("rows searched ")[1].replace(",", "")) for line in lines]
+    assert searched[0] == len(x)  # the first step searches every row; the Hamerly bounds skip some later
+    assert all(0 <= s <= len(x) for s in searched) and sum(searched) <= run.rows_searched
+    assert f"objective {run.objective[-1]:.4g}" in lines[-1] and f"k {K}" in lines[-1]
+
+
 def test_cluster_sums_add_each_cluster_in_float64():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 16)).astype(np.float32)

@@ -10,7 +10,6 @@ actors of ``distributed.ActorShards``, with the same result.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -20,8 +19,8 @@ from dp4tl_ray.kmeans.backends import AssignBackend, FaissCpuBackend, assign
 from dp4tl_ray.kmeans.config import KMeansConfig
 from dp4tl_ray.kmeans.lloyd import Bounds, bounded_assign, objective_from_sums, running_sums, update_centroids
 from dp4tl_ray.kmeans.seeding import init_centroids, key_threshold, ordered_sample, rows_by_key, sample_keys, smallest
+from dp4tl_ray.progress import EVERY_S, Progress
 
-log = logging.getLogger(__name__)
 
 
 class Shard:
@@ -140,6 +139,8 @@ def lloyd_iterations(shards: Shards, centroids: np.ndarray, cfg: KMeansConfig) -
     """
     rng = np.random.default_rng(cfg.seed)
     objective, compute = [], 0.0
+    shown = Progress("k-means", total=cfg.niter, unit="iterations", every_s=EVERY_S)
+    searched = sum(shards.rows_searched())
     for it in range(cfg.niter):
         parts = shards.step(centroids)
         sums, counts = parts[0][0].copy(), parts[0][1].copy()
@@ -148,7 +149,8 @@ def lloyd_iterations(shards: Shards, centroids: np.ndarray, cfg: KMeansConfig) -
             counts += part_counts
         objective.append(float(sum(p[2] for p in parts)))
         compute += max(p[3] for p in parts)
-        log.debug("k-means iteration %d: objective %.6g", it, objective[-1])
+        before, searched = searched, sum(shards.rows_searched())
+        shown.update(it + 1, k=len(centroids), objective=objective[-1], rows_searched=searched - before)
         centroids = update_centroids(sums, counts, centroids, cfg.spherical, rng)
     return centroids, objective, compute
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.train.checkpoints import MODEL_FILE, TrainState, check_resume, latest_checkpoint
+from dp4tl_ray.train.epoch_progress import epoch_lines
 from dp4tl_ray.train.pretrain_config import MODES, PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -154,15 +156,13 @@ def _check_cluster_fits(cfg: PretrainConfig) -> None:
     raise UserError(problem)
 
 
-def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResult:
+def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str | None = None) -> PretrainResult:
     """Fit (or resume) the run ``cfg.out/cfg.name`` and return its latest checkpoint and metrics.
 
     A run whose checkpoint already holds all ``cfg.epochs`` is returned as is, without starting
-    Ray Train. ``callbacks`` reach Ray Train's ``RunConfig`` (e.g. Tune's report callback in a sweep)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from dp4tl_ray.train.loops import RunFacts, loop_config, train_loop_per_worker
+    Ray Train. ``callbacks`` reach Ray Train's ``RunConfig`` (e.g. Tune's report callback in a sweep).
+    ``progress``: the stage name under which the driver prints a line per epoch (None: no lines)."""
+    from dp4tl_ray.train.loops import RunFacts
 
     cfg.validate()
     _check_cluster_fits(cfg)
@@ -171,6 +171,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
     if cfg.num_workers == 0 and is_uri(storage):
         raise UserError("local mode (num_workers=0) keeps checkpoints on this machine; give a local --out")
     run_dir = f"{storage}/{cfg.name}" if is_uri(storage) else str(Path(storage) / cfg.name)
+    done_epochs = 0
     if not is_uri(storage):  # refuse early (not inside a worker, not retried) a resume under other settings
         path = latest_checkpoint(run_dir)
         if path is not None:
@@ -181,6 +182,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
                 return PretrainResult(run_dir=run_dir, checkpoint=str(path), metrics=dict(state.history[-1]),
                                       history=list(state.history), kept_classes=kept_classes, images=images, seconds=0.0)
             log.info("resuming run %s from epoch %d", cfg.name, state.epoch)
+            done_epochs = state.epoch
     cached, cache_s = use_decode_cache(cfg, images), 0.0
     if cached:  # workers read their share once and augment it themselves every epoch
         t0 = time.perf_counter()
@@ -190,6 +192,23 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
     else:  # read -> filter -> decode -> augment, a Ray Data execution per epoch
         ds = augmented_dataset(decoded, cfg)
     facts = RunFacts(kept_classes=kept_classes, num_source_classes=len(source.classes), in_memory=cached, run_dir=run_dir)
+    # Local mode (no workers) runs no Train callbacks: its epochs print nothing.
+    lines = epoch_lines(progress, cfg.epochs, done_epochs) if progress and cfg.num_workers else nullcontext()
+    with lines as forward:
+        result, seconds = _fit(cfg, storage, facts, ds, (callbacks or []) + ([forward] if forward else []))
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
+                          kept_classes=kept_classes,
+                          images=images, seconds=seconds, cache_s=cache_s, cached=cached)
+
+
+def _fit(cfg: PretrainConfig, storage: str, facts, ds, callbacks: list):
+    """Build the TorchTrainer of the run and fit it: its result and the fit's wall seconds."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dp4tl_ray.train.loops import loop_config, train_loop_per_worker
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(cfg, facts),
@@ -198,16 +217,12 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResu
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             callbacks=callbacks),
+                             callbacks=callbacks or None),
         datasets={"train": ds},
     )
     t0 = time.perf_counter()
     result = trainer.fit()
-    seconds = time.perf_counter() - t0
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
-                          kept_classes=kept_classes,
-                          images=images, seconds=seconds, cache_s=cache_s, cached=cached)
+    return result, time.perf_counter() - t0
 
 
 __all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decode_cache_fits", "decoded_bytes", "pretrain",
