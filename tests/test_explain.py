@@ -75,7 +75,8 @@ def world(tmp_path_factory):
     task = _image_tree(root / "task_a" / "train", ["pear", "wolf", "yak"], 2, seed=1)
     src = _store(root / "f-src", source, np.tile([[0, 1, 2]], (24, 1)), seed=0)
     down = _store(root / "f-task", task, np.asarray(TOPK), seed=1)
-    ks = select_keepset(SelectConfig(method="lm", ratio=0.5, source_features=str(src),
+    # the runner-up variant (LM's default is the paper's seeded tie-break): the page shows its tie-break votes
+    ks = select_keepset(SelectConfig(method="lm", ratio=0.5, source_features=str(src), runner_up_topk=3,
                                      downstream_features=[str(down)], out=str(root / "lm")))
     return root, ks
 
