@@ -45,21 +45,21 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dp4tl_ray.data.decode import DecodeSpec, decode_image  # noqa: E402
+from dp4tl_ray.data.decode import decode_image, stack_images  # noqa: E402
 from dp4tl_ray.data.imagefolder import scan_image_folder  # noqa: E402
 from dp4tl_ray.data.synthetic import SynthConfig, generate  # noqa: E402
 from dp4tl_ray.data.transforms import augment_batch  # noqa: E402
 from dp4tl_ray.models import ModelSpec, build_model, to_model_input  # noqa: E402
-from dp4tl_ray.train.trainer import PretrainConfig, pretrain, use_decode_cache  # noqa: E402
+from dp4tl_ray.train.trainer import PretrainConfig, pretrain, train_decode_spec, use_decode_cache  # noqa: E402
 
 
 class _Batches(torch.utils.data.Dataset):
     """Items are whole batches (a list of ids, from a BatchSampler): decoded (or taken from memory)
     and augmented by the same UDF the Ray Data stage runs, in the DataLoader's worker processes."""
 
-    def __init__(self, index, cfg: PretrainConfig, decoded: np.ndarray | None):
+    def __init__(self, index, cfg: PretrainConfig, decoded: list[np.ndarray] | None):
         self.index, self.cfg, self.decoded = index, cfg, decoded
-        self.spec = DecodeSpec.for_size(cfg.image_size, cfg.resize_size)
+        self.spec = train_decode_spec(cfg)  # as the Ray loop: no centre crop before RandomResizedCrop
 
     def __len__(self) -> int:
         return len(self.index)
@@ -67,9 +67,9 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, ids: list[int]):
         ids = np.sort(np.asarray(ids))
         if self.decoded is not None:
-            images = self.decoded[ids]
+            images = stack_images([self.decoded[i] for i in ids])
         else:
-            images = np.stack([decode_image((self.index.root / self.index.paths[i]).read_bytes(), self.spec) for i in ids])
+            images = stack_images([decode_image((self.index.root / self.index.paths[i]).read_bytes(), self.spec) for i in ids])
         batch = {"id": ids, "label": self.index.labels[ids], "image": images}
         out = augment_batch(batch, **self.cfg.augment_kwargs())
         return torch.from_numpy(out["image"]), torch.from_numpy(out["label"].astype(np.int64))
@@ -87,8 +87,8 @@ def plain_images_per_s(index, cfg: PretrainConfig, threads: int, data_workers: i
     t0 = time.perf_counter()
     decoded = None
     if cached:
-        spec = DecodeSpec.for_size(cfg.image_size, cfg.resize_size)
-        decoded = np.stack([decode_image((index.root / p).read_bytes(), spec) for p in index.paths])
+        spec = train_decode_spec(cfg)
+        decoded = [decode_image((index.root / p).read_bytes(), spec) for p in index.paths]
     cache_s = time.perf_counter() - t0
     data = _Batches(index, cfg, decoded)
     sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), cfg.batch_size, drop_last=False)

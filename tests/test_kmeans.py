@@ -201,6 +201,45 @@ def test_bounded_assign_gives_the_full_search_labels_at_every_lloyd_step(k):
     assert searched[0] == len(x) and searched[-1] < len(x) // 2  # settled centroids: most rows skipped
 
 
+def test_lloyd_steps_gather_rows_in_chunks_with_the_same_answer(monkeypatch):
+    """Chunked gathering (open rows, rows sorted by cluster) changes no label and no sum beyond float64
+    rounding, and a step's temporary copies stay near a chunk, not the shard (P6: actors held ~4x their shard)."""
+    import tracemalloc
+
+    from dp4tl_ray.kmeans import lloyd
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((20, 32)).astype(np.float32)
+    x = (centres[rng.integers(0, 20, 30000)] + 0.7 * rng.standard_normal((30000, 32))).astype(np.float32)
+    search2 = FaissCpuBackend().search2
+
+    def steps():
+        cents, bounds, out, split_rng = x[:20].copy(), None, [], np.random.default_rng(9)
+        for _ in range(4):
+            bounds, n = bounded_assign(x, cents, bounds, search2)
+            sums = cluster_sums(x, bounds.labels, 20)
+            out.append((bounds.labels.copy(), sums, n))
+            cents = update_centroids(sums, np.bincount(bounds.labels, minlength=20), cents, False, split_rng)
+        return out
+
+    whole = steps()
+    monkeypatch.setattr(lloyd, "CHUNK_ROWS", 1000)
+    chunked = steps()
+    for (la, sa, na), (lb, sb, nb) in zip(whole, chunked):
+        assert np.array_equal(la, lb) and na == nb
+        assert np.allclose(sa, sb, rtol=1e-12, atol=1e-9)
+    # second step (bounds in hand, many rows open): temporaries well under one copy of x
+    cents = update_centroids(whole[0][1], np.bincount(whole[0][0], minlength=20), x[:20].copy(), False, np.random.default_rng(0))
+    first, _ = bounded_assign(x, x[:20].copy(), None, search2)
+    tracemalloc.start()
+    bounded_assign(x, cents, first, search2)
+    cluster_sums(x, first.labels, 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    per_row_bookkeeping = 8 * 6 * len(x)  # labels, bounds and index arrays (int64/float64 per row)
+    assert peak < per_row_bookkeeping + x.nbytes // 2, (peak, x.nbytes)
+
+
 def test_objective_from_sums_is_the_sum_of_squared_distances():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5000, 24)).astype(np.float32)

@@ -19,6 +19,14 @@ MOVED_RECOUNT = 0.25  # above this share of a shard's rows changing cluster, its
 # |x|^2 - 2 x.c + |c|^2 carry an absolute error of a few ulps of |x|^2 + |c|^2.
 BOUND_SQ_TOL = 1e-5  # relative to |x|^2 + max |c|^2, added to (taken off) a squared upper (lower) bound
 BOUND_REL_TOL = 1e-6  # relative slack on exactly recomputed distances
+# Rows handled at once where a step gathers rows (open rows, rows sorted by cluster): temporary copies stay
+# a few tens of MB instead of the shard's size, so an actor peaks near its shard plus the bounds.
+CHUNK_ROWS = 1 << 15
+
+
+def _chunks(n: int):
+    """``slice``s covering ``range(n)`` in runs of ``CHUNK_ROWS``."""
+    return (slice(s, min(s + CHUNK_ROWS, n)) for s in range(0, n, CHUNK_ROWS))
 
 
 @dataclass
@@ -79,22 +87,26 @@ def bounded_assign(x: np.ndarray, centroids: np.ndarray, prev: Bounds | None,
             lower = prev.lower
         bound = np.maximum(lower, _half_gaps(cents)[labels])
         open_rows = np.flatnonzero(upper > bound)
-        if len(open_rows):  # tighten the upper bound to the exact distance, then test again
-            exact = _own_distances(x[open_rows], cents[labels[open_rows]])
-            upper[open_rows] = exact
-            open_rows = open_rows[exact > bound[open_rows]]
-        rows = open_rows
-    if len(rows):
-        xr = x[rows] if len(rows) < n else x
+        still_open = []
+        for part in _chunks(len(open_rows)):  # tighten the upper bound to the exact distance, then test again
+            rows_part = open_rows[part]
+            exact = _own_distances(x[rows_part], cents[labels[rows_part]])
+            upper[rows_part] = exact
+            still_open.append(rows_part[exact > bound[rows_part]])
+        rows = np.concatenate(still_open) if still_open else open_rows
+    for part in _chunks(len(rows)):
+        rows_part = rows[part]
+        # a run of consecutive rows is a view of x; any other set of rows a chunk-sized copy
+        xr = x[rows_part[0] : rows_part[-1] + 1] if rows_part[-1] - rows_part[0] + 1 == len(rows_part) else x[rows_part]
         if k > 1:
             idx, sq = search2(np.ascontiguousarray(xr), cents)
             tol = BOUND_SQ_TOL * (np.einsum("ij,ij->i", xr, xr, dtype=np.float64) + c_sq_max)
-            labels[rows] = idx[:, 0]
-            upper[rows] = np.sqrt(sq[:, 0].astype(np.float64) + tol)
-            lower[rows] = np.sqrt(np.maximum(sq[:, 1].astype(np.float64) - tol, 0))
+            labels[rows_part] = idx[:, 0]
+            upper[rows_part] = np.sqrt(sq[:, 0].astype(np.float64) + tol)
+            lower[rows_part] = np.sqrt(np.maximum(sq[:, 1].astype(np.float64) - tol, 0))
         else:  # one centroid: every row is its; the lower bound stays inf
-            labels[rows] = 0
-            upper[rows] = _own_distances(xr, cents[:1])
+            labels[rows_part] = 0
+            upper[rows_part] = _own_distances(xr, cents[:1])
     return Bounds(labels, upper, lower, cents.astype(np.float64)), len(rows)
 
 
@@ -106,15 +118,19 @@ def objective_from_sums(x_sq_total: float, centroids: np.ndarray, sums: np.ndarr
 
 
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per-centroid ``sums float64[k, d]`` of the rows of ``x``, added in stored order within each cluster."""
-    counts = np.bincount(labels, minlength=k)
-    # a stable sort of 16-bit keys is a radix sort: ~10x faster than sorting the int64 labels
-    order = np.argsort(labels.astype(np.uint16) if k <= 1 << 16 else labels, kind="stable")
-    rows = x.take(order, axis=0)
-    bounds = np.concatenate(([0], np.cumsum(counts)))
+    """Per-centroid ``sums float64[k, d]`` of the rows of ``x``: each run of ``CHUNK_ROWS`` rows (in stored
+    order) is sorted by cluster and summed, and the runs' sums added in order (deterministic; no copy of
+    more than one run's rows)."""
     sums = np.zeros((k, x.shape[1]), np.float64)
-    for j in np.flatnonzero(counts):
-        sums[j] = rows[bounds[j] : bounds[j + 1]].sum(axis=0, dtype=np.float64)
+    for part in _chunks(len(x)):
+        lab = labels[part]
+        counts = np.bincount(lab, minlength=k)
+        # a stable sort of 16-bit keys is a radix sort: ~10x faster than sorting the int64 labels
+        order = np.argsort(lab.astype(np.uint16) if k <= 1 << 16 else lab, kind="stable")
+        rows = x[part].take(order, axis=0)
+        present = np.flatnonzero(counts)
+        starts = np.concatenate(([0], np.cumsum(counts)))[present]
+        sums[present] += np.add.reduceat(rows, starts, axis=0, dtype=np.float64)
     return sums
 
 
