@@ -28,7 +28,7 @@ from dp4tl_ray.kmeans.distributed import _reusable, _write_result, load_assignme
 from dp4tl_ray.models import load_checkpoint
 from dp4tl_ray.parts import PartStaging
 from dp4tl_ray.select.keepset import IDS_FILE, META_FILE, KeepSet, KeepSetMeta
-from dp4tl_ray.select.scores import load_scores
+from dp4tl_ray.select.scores_io import load_scores
 from dp4tl_ray.train.checkpoints import TrainState
 
 DAMAGES = ("truncated", "garbled", "empty", "wrong_schema")

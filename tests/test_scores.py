@@ -21,18 +21,16 @@ from dp4tl_ray.data.imagefolder import scan_image_folder
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import ModelSpec, build_model, load_checkpoint, load_model, save_checkpoint
 from dp4tl_ray.select.scores import (
-    META_FILE,
     RUNS_DIR,
     SCORES,
-    SCORES_FILE,
     ScoreConfig,
     ScoreEmbedder,
     compute_scores,
     estimate_bn_statistics,
     image_scores,
-    load_scores,
     training_seconds,
 )
+from dp4tl_ray.select.scores_io import META_KEY, SCORES_FILE, load_scores
 
 SPEC = ModelSpec("resnet18", num_classes=3, small_input=True)
 DECODE = DecodeSpec(8, 8)
@@ -165,7 +163,7 @@ def _check_table_and_cost(scores, root: Path, out: Path, model_seconds: str) -> 
     seconds = scores.meta["seconds"]
     assert set(seconds) == {model_seconds, "score_s"} and min(seconds.values()) > 0
     assert scores.meta["scores_seconds"] == pytest.approx(sum(seconds.values()))
-    assert json.loads((out / META_FILE).read_text())["scores_seconds"] == scores.meta["scores_seconds"]
+    assert json.loads(pq.read_schema(out / SCORES_FILE).metadata[META_KEY])["scores_seconds"] == scores.meta["scores_seconds"]
     return ids
 
 
@@ -210,7 +208,6 @@ def test_el2n_comes_from_models_trained_by_ray_train(ray_local, tmp_path):
 
     # Scoring again once the scores are gone reuses the finished run (not trained again) and still counts its cost.
     (out / SCORES_FILE).unlink()
-    (out / META_FILE).unlink()
     again = compute_scores(tmp_path / "train", SPEC, DECODE, cfg, out)
     assert again.meta["models"] == [path]
     assert again.meta["seconds"]["train_s"] == scores.meta["seconds"]["train_s"]

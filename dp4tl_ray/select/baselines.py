@@ -16,7 +16,6 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.select.keepset import KeepSet, keep_ids_for_units
 from dp4tl_ray.select.voting import units_to_drop
 
-SCORES_FILE = "scores.parquet"  # id and a score (el2n or grand) per source image: written by select.scores, read here
 # Absorbs float error in keep_fraction * total (0.7 * 10 = 6.999999999999999).
 _FRACTION_EPS = 1e-9
 

@@ -29,6 +29,7 @@ from dp4tl_ray.select.diagnostics import mapping_diagnostics
 from dp4tl_ray.select.feature_mapping import feature_mapping_image_units, feature_mapping_votes
 from dp4tl_ray.select.keepset import META_FILE, KeepSet, KeepSetMeta, keep_ids_for_units
 from dp4tl_ray.select.label_mapping import label_mapping_image_units, label_mapping_votes
+from dp4tl_ray.select.scores_io import SCORES_FILE, Scores, load_scores, scores_file
 from dp4tl_ray.select.vote_rules import VOTE_RULES, one_to_one_ranking
 from dp4tl_ray.select.voting import (
     combine_task_votes,
@@ -209,28 +210,20 @@ def _kept_units(cfg: SelectConfig, tasks: dict[str, FeatureStore], centres: np.n
     return kept_units_from_ranking(ranking[::-1] if reverse else ranking, cfg.ratio)
 
 
-def _given_scores_file(cfg: SelectConfig) -> Path:
-    """The scores.parquet ``cfg.scores`` names (the file or its directory)."""
-    from dp4tl_ray.select.baselines import SCORES_FILE
-
-    path = Path(cfg.scores)
-    return path / SCORES_FILE if path.suffix != ".parquet" else path
-
-
-def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]):
+def _image_scores(cfg: SelectConfig, source: FeatureStore, spent: dict[str, float]) -> Scores:
     """``id, <method>`` per source row and its metadata: read from ``cfg.scores`` (a scores.parquet or
-    its directory), else computed once and cached next to the source features. ``spent["scores_s"]``
-    is the scores' whole recorded cost (training + scoring), counted in every keep-set that uses them."""
-    from dp4tl_ray.data.decode import DecodeSpec
-    from dp4tl_ray.models import ModelSpec
-    from dp4tl_ray.select.baselines import SCORES_FILE
-    from dp4tl_ray.select.scores import ScoreConfig, compute_scores, load_scores
-
+    its directory; torch is not imported), else computed once and cached next to the source features.
+    ``spent["scores_s"]`` is the scores' whole recorded cost (training + scoring), counted in every
+    keep-set that uses them."""
     t0 = time.perf_counter()
     if cfg.scores:
         scores = load_scores(cfg.scores, cfg.method)
         spent["scores_reused"] = 1.0
     else:
+        from dp4tl_ray.data.decode import DecodeSpec
+        from dp4tl_ray.models import ModelSpec
+        from dp4tl_ray.select.scores import ScoreConfig, compute_scores
+
         m = source.manifest
         spec = ModelSpec(m["surrogate"]["arch"], len(m["classes"]), m["surrogate"]["small_input"])
         seeds = {"seeds": tuple(cfg.score_seeds)} if cfg.score_seeds is not None else {}
@@ -317,7 +310,7 @@ def _unit_selection(cfg: SelectConfig, source: FeatureStore, spent: dict[str, fl
 def selection_key(cfg: SelectConfig, source: FeatureStore) -> str:
     """Hash of everything a selection's result depends on: the config but ``out``, the source and
     downstream stores' ``store_key``s, the match keep-set's sha256 and the given scores file's sha256."""
-    scores = _given_scores_file(cfg) if cfg.scores else None
+    scores = scores_file(cfg.scores) if cfg.scores else None
     doc = {"config": {k: v for k, v in asdict(cfg).items() if k != "out"},
            "source": source.manifest.get("store_key"),
            "downstream": [FeatureStore.open(p).manifest.get("store_key") for p in cfg.downstream_features],
@@ -348,7 +341,7 @@ def select_keepset(cfg: SelectConfig) -> KeepSet:
 
     ``meta.extra["costs"]`` records the selection's seconds: ``kmeans_s`` (the k-means run's own, also
     when k-means reused its result), ``scores_s`` (EL2N/GraNd: the scores' own recorded cost,
-    ``scores_seconds`` in ``scores.json`` beside ``scores.parquet``, also when they were computed
+    ``scores_seconds`` in the record of ``scores.parquet``, also when they were computed
     earlier, ``scores_reused``; else the seconds spent here) and ``select_s`` (the rest); ``reused`` is
     true when this call returned an earlier selection with its original costs.
     """

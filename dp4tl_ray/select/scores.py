@@ -12,8 +12,9 @@
 
 Each is the mean over one model per seed (the paper averages 10; :data:`DEFAULT_SEEDS` here). The
 source is scored on a Ray Data actor pool (:class:`ScoreEmbedder`). A score's directory holds
-``scores.parquet`` (``id, <score>``) and ``scores.json``: its settings and its cost
-(``scores_seconds`` = building the models + scoring), which every keep-set that uses it counts.
+``scores.parquet`` (:mod:`dp4tl_ray.select.scores_io`: ``id, <score>`` and, in its metadata, the
+settings and the cost, ``scores_seconds`` = building the models + scoring, which every keep-set
+that uses it counts).
 """
 
 from __future__ import annotations
@@ -28,28 +29,24 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dp4tl_ray import atomic
-from dp4tl_ray.artifact_io import read_json, read_parquet, reading
+from dp4tl_ray.artifact_io import read_json
 from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import ImageSource, open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_model, save_checkpoint, to_model_input
 from dp4tl_ray.pool import InferencePool
-from dp4tl_ray.select import baselines
+from dp4tl_ray.select.scores_io import SCORES_FILE, Scores, load_scores, write_scores
 
 if TYPE_CHECKING:
     import ray.data
 
 SCORES = ("el2n", "grand")
-SCORES_FILE = baselines.SCORES_FILE
-META_FILE = "scores.json"
-META_KEY = b"dp4tl_scores"  # the same metadata in the parquet schema, so a copied file keeps it
 RUNS_DIR = "runs"  # EL2N: the Ray Train runs, one per seed
 INIT_DIR = "init"  # GraNd: the models at initialisation with their estimated BN statistics
 DEFAULT_SEEDS = (0, 1, 2, 3)
@@ -105,14 +102,6 @@ class ScoreConfig:
         """``scores-<score>-<hash of settings()>``: one directory per distinct score."""
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
         return f"scores-{self.score}-{digest}"
-
-
-@dataclass
-class Scores:
-    """``id, <score>`` of every scored source image (sorted by id), and its metadata (scores.json)."""
-
-    table: pa.Table
-    meta: dict[str, Any]
 
 
 def _device() -> torch.device:
@@ -291,28 +280,9 @@ def el2n_checkpoints(source: ImageSource, spec: ModelSpec, decode: DecodeSpec, c
     return paths, seconds
 
 
-def load_scores(path: str | os.PathLike, score: str) -> Scores:
-    """The ``id, <score>`` columns of a scores.parquet (or the directory holding it), and its metadata."""
-    path = Path(path)
-    file = path / SCORES_FILE if path.suffix != ".parquet" else path
-    if not file.is_file():
-        raise UserError(f"scores file {file} not found; drop --scores to compute them")
-    fix = f"delete {file} and select again (the scores are recomputed), or pass another --scores"
-    table = read_parquet(file, fix)
-    if score not in table.column_names or "id" not in table.column_names:
-        raise UserError(f"scores file {file} has no `id` and `{score}` columns (it has {table.column_names}); "
-                        f"compute {score} scores or pass another file")
-    with reading(file, fix):
-        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    beside = file.parent / META_FILE  # scores.json: the same record, also for a file written elsewhere
-    if not meta and beside.is_file():
-        meta = read_json(beside, fix)
-    return Scores(table.select(["id", score]).replace_schema_metadata(None), {**meta, "path": str(file)})
-
-
 def compute_scores(source_path: str | os.PathLike, spec: ModelSpec, decode_spec: DecodeSpec, cfg: ScoreConfig,
                    out: str | os.PathLike) -> Scores:
-    """``cfg.score`` of every readable source image, written to ``out`` (scores.parquet + scores.json,
+    """``cfg.score`` of every readable source image, written to ``out`` (scores.parquet with its record,
     atomically) and returned; ``out`` already holding this score of this source and surrogate is read
     instead. Unreadable images are absent from the table."""
     cfg.validate()
@@ -342,7 +312,4 @@ def compute_scores(source_path: str | os.PathLike, spec: ModelSpec, decode_spec:
     seconds["score_s"] = time.perf_counter() - t1
     meta = {**provenance, **extra, "method": METHOD[cfg.score], "models": checkpoints, "images": table.num_rows,
             "seconds": seconds, "scores_seconds": sum(seconds.values())}
-    with atomic.file_path(out / SCORES_FILE) as tmp:
-        pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True)}), tmp)
-    atomic.write_json(out / META_FILE, meta)
-    return Scores(table, {**meta, "path": str(out / SCORES_FILE)})
+    return write_scores(out, table, meta)
