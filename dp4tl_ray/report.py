@@ -160,7 +160,7 @@ def _pct(ratio: float) -> str:
     return f"{100 * ratio:g}%"
 
 
-def _markdown(header: list[str], body: list[list[str]]) -> str:
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
@@ -187,7 +187,7 @@ def accuracy_table(rows: list[dict[str, Any]], group: tuple, metric: str) -> str
             cells = [_row_cell(at[method, q]) if (method, q) in at else "—" for q in ratios]
         n = sorted({r["n"] for r in mine if r["method"] == method})
         body.append([method, *cells, "/".join(map(str, n))])
-    return _markdown(["method \\ pruning ratio", *map(_pct, ratios), "seeds"], body)
+    return markdown_table(["method \\ pruning ratio", *map(_pct, ratios), "seeds"], body)
 
 
 READING = ("Intervals in brackets are 95%: a Student t interval over seeds when a cell has two or more, else a "
@@ -304,7 +304,7 @@ def time_table(rows: list[dict[str, Any]], group: tuple) -> str | None:
         return None
     body = [[r["method"], _pct(r["ratio"]), _fmt(r["images_kept_frac"], ".1f", 100), _fmt(r["pretrain_s"], ".3f", 1 / 3600),
              _fmt(r["keepset_s"], ".1f"), _fmt(r["saved_frac"], ".1f", 100), str(r["n"])] for r in mine]
-    return _markdown(["method", "ratio", "images kept %", "pretrain h (mean)", "keep-set s (every stage)",
+    return markdown_table(["method", "ratio", "images kept %", "pretrain h (mean)", "keep-set s (every stage)",
                       "time saved vs dense % (incl. keep-set)", "trials"], body)
 
 
@@ -330,7 +330,7 @@ def cost_table(rows: list[dict[str, Any]], group: tuple) -> str | None:
              _fmt(r["keepset_s"], ".3f", 1 / 3600), _fmt(r["pretrain_total_s"], ".3f", 1 / 3600),
              _fmt(r["end_to_end_s"], ".3f", 1 / 3600), _fmt(r["end_to_end_device_hours"], ".3f"),
              _fmt(r["pretrain_speedup"], ".2f"), _fmt(r["end_to_end_speedup"], ".2f"), _cost_note(r)] for r in mine]
-    return _markdown(["method", "ratio", "images removed %", "keep-set h", "pretraining h", "end-to-end h",
+    return markdown_table(["method", "ratio", "images removed %", "keep-set h", "pretraining h", "end-to-end h",
                       f"end-to-end {unit}", "pretraining speed-up", "end-to-end speed-up", "costs"], body)
 
 
@@ -474,8 +474,9 @@ COST_NOTE = ("A keep-set's cost is every stage that produced it: surrogate train
 
 
 def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], times: list[dict[str, Any]],
-                    source: str = "") -> str:
-    """The whole report as Markdown: a section of tables per group, then the failed trials."""
+                    source: str = "", diagnostics: str | None = None) -> str:
+    """The whole report as Markdown: a section of tables per group, the ``diagnostics`` section
+    (:mod:`dp4tl_ray.report_diagnostics`), then the failed trials."""
     failed = error_trials(trials)
     parts = [f"# DP4TL sweep report{f': {source}' if source else ''}",
              f"{len(trials) - len(failed)} trial(s) ok, {len(failed)} failed (excluded from the tables). "
@@ -495,6 +496,8 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
             costs = cost_lines(times, group)
             parts += ["### Pretraining time", table] + (["\n".join(costs)] if costs else [])
             parts += ["### Costs end to end (the paper's Table 2)", COST_NOTE, cost_table(times, group)]
+    if diagnostics:
+        parts.append(diagnostics)
     if failed:
         parts.append("## Failed trials")
         parts.append("\n".join(f"- {t['trial_id']}: {t['error'] or 'no message'}" for t in failed))
@@ -502,7 +505,10 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write report.md, accuracy.csv, time.csv and the PNGs (under ``<sweep_dir>/report`` by default)."""
+    """Write report.md, accuracy.csv, time.csv and the PNGs (under ``<sweep_dir>/report`` by default);
+    report.md's selection diagnostics come from the manifests of the keep-sets the trials name."""
+    from dp4tl_ray.report_diagnostics import diagnostics_rows, diagnostics_section
+
     sweep_dir = str(sweep_dir)
     if out_dir is None:
         if is_uri(sweep_dir):
@@ -517,7 +523,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
                         f"first error: {trials[0]['error'] or 'no message'}")
     acc, times = accuracy_rows(trials), time_rows(trials)
     paths = {
-        "report.md": atomic.write_bytes(out / "report.md", report_markdown(trials, acc, times, sweep_dir).encode()),
+        "report.md": atomic.write_bytes(out / "report.md", report_markdown(
+            trials, acc, times, sweep_dir, diagnostics_section(*diagnostics_rows(trials))).encode()),
         "accuracy.csv": atomic.write_bytes(out / "accuracy.csv", _csv_text(acc).encode()),
         "time.csv": atomic.write_bytes(out / "time.csv", _csv_text(times).encode()),
     }
@@ -531,5 +538,6 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
 __all__ = [
     "READING", "accuracy_rows", "comparisons", "interval95", "time_rows", "accuracy_table", "time_table", "cost_table",
-    "cost_lines", "accuracy_figure", "plot_accuracy", "plot_time", "report_markdown", "with_images_removed", "write_report",
+    "cost_lines", "accuracy_figure", "markdown_table", "plot_accuracy", "plot_time", "report_markdown", "with_images_removed",
+    "write_report",
 ]

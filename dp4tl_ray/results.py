@@ -30,6 +30,7 @@ REWRITE = f"re-run the same `dp4tl sweep` command: finished trials are kept and 
 KEEPSET_COST_KEYS = ("surrogate_s", "extract_source_s", "extract_task_s", "kmeans_s", "scores_s", "select_s")
 SURROGATE_COSTS = ("trained", "declared", "undeclared")  # surrogate_cost: how surrogate_s is known
 RECORD_KEYS = ("trial_id", "status", "error", "method", "ratio", "surrogate", "surrogate_mode", "mode", "arch", "task", "seed",
+               "keepset",  # the keep-set directory the trial pretrained on (None: dense, random-init); the report reads it
                "lp_acc", "ff_acc", "lp_acc_test_max", "ff_acc_test_max", "kept_units", "total_units", "kept_images",
                "total_images", *KEEPSET_COST_KEYS, "surrogate_cost", "reused_stages",
                # pretraining: the epochs; the whole pretrain() call (Train start-up, decode cache, epochs,

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 
 from dp4tl_ray.cli import run
@@ -23,7 +24,10 @@ from dp4tl_ray.report import (
     with_images_removed,
     write_report,
 )
+from dp4tl_ray.report_diagnostics import diagnostics_rows
 from dp4tl_ray.results import load_results, parse_results
+from dp4tl_ray.select.diagnostics import mapping_diagnostics
+from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta
 
 GROUP = ("supervised", "resnet18", "resnet18", "task_0")
 
@@ -277,3 +281,73 @@ def test_accuracy_plot_shades_each_cells_interval():
     dense = _row(acc, "dense", 0.0, metric="lp")
     spans = [(p.get_y(), p.get_y() + p.get_height()) for p in ax.patches]  # dense's interval: a horizontal span
     assert (dense["ci95_low_pct"], dense["ci95_high_pct"]) in [pytest.approx(s) for s in spans]
+
+
+# ----- selection diagnostics: read from the keep-sets the records name
+
+
+def _planted_keepset(path, task, sink_classes, ratio, seed=0, method="lm"):
+    """An LM keep-set whose recorded diagnostics come from planted top-1 votes: 10 downstream classes, class c
+    voting mostly for unit 3c; the first ``sink_classes`` of them sending 70% of their votes to unit 39."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    units = np.where(rng.random(labels.size) < 0.8, 3 * labels, rng.integers(0, 40, labels.size))
+    units = np.where((labels < sink_classes) & (rng.random(labels.size) < 0.7), 39, units)
+    names = [f"class{u}" for u in range(40)]
+    diag = mapping_diagnostics(units, labels, 40, unit_names=names)
+    top = np.argsort(-np.bincount(units, minlength=40), kind="stable")[:10]
+    meta = KeepSetMeta(method=method, ratio=ratio, units_kept=20, units_total=40, votes_per_unit=[], images_kept=50,
+                       images_total=100, surrogate={"arch": "resnet18"}, source_fingerprint="f", downstream=[task],
+                       seed=seed, extra={"diagnostics": {task: diag.to_dict()},
+                                         "top_units": [{"unit": int(u), "name": names[u], "votes": 1.0} for u in top]})
+    KeepSet(np.arange(50), meta).write(path)
+    return diag
+
+
+def _diagnosed_sweep(root):
+    """LM keep-sets of a sound task_0 and a task_1 with a planted sink (two ratios), a random-class keep-set
+    (no diagnostics) and one LM keep-set whose manifest was cut short; their trials name them."""
+    sound = _planted_keepset(root / "ks" / "lm-t0", "task_0", 0, 0.5)
+    sink = [_planted_keepset(root / "ks" / f"lm-t1-{r}", "task_1", 7, r) for r in (0.5, 0.8)]
+    KeepSet(np.arange(5), KeepSetMeta("random-class", 0.5, 5, 10, [], 5, 10, "", "f", [], 0)).write(root / "ks" / "rc")
+    _planted_keepset(root / "ks" / "lm-t2", "task_2", 0, 0.5)
+    cut = root / "ks" / "lm-t2" / "keepset.json"
+    cut.write_text(cut.read_text()[:40])
+    trials = [_trial("dense", 0.0, 0, 0.70, select_s=None, surrogate=None),
+              _trial("lm", 0.5, 0, 0.71, keepset=str(root / "ks" / "lm-t0")),
+              _trial("lm", 0.5, 0, 0.60, task="task_1", keepset=str(root / "ks" / "lm-t1-0.5"), trial_id="t1a"),
+              _trial("lm", 0.8, 0, 0.55, task="task_1", keepset=str(root / "ks" / "lm-t1-0.8"), trial_id="t1b"),
+              _trial("random-class", 0.5, 0, 0.65, surrogate=None, keepset=str(root / "ks" / "rc")),
+              _trial("lm", 0.5, 0, 0.61, task="task_2", keepset=str(root / "ks" / "lm-t2"), trial_id="t2")]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    return root, sound, sink[0]
+
+
+def test_report_shows_the_selection_diagnostics_and_warns_on_a_planted_sink(tmp_path):
+    sweep, sound, sink = _diagnosed_sweep(tmp_path / "sweep")
+    assert not sound.flagged and sink.flagged  # the planted mappings, as the diagnostics judge them
+    md = write_report(sweep, tmp_path / "out")["report.md"].read_text()
+    section = md.split("## Selection diagnostics", 1)[1]
+    rows = {line.split(" | ")[2]: line for line in section.splitlines() if line.startswith("| resnet18 | lm |")}
+    assert sorted(rows) == ["task_0", "task_1"]  # the damaged keep-set has no row; random-class records none
+    # the sink task: both ratios' keep-sets in one row (the same votes), the figures and the warnings
+    assert rows["task_1"].startswith("| resnet18 | lm | task_1 | 50%, 80% (seed 0) | 39 (class39) | "
+                                     f"{sink.top_unit_share:.0%} | {sink.vote_entropy:.2f} | "
+                                     f"{sink.mean_class_agreement:.0%} | 7/10 | WARNING sink unit: unit 39 (class39)")
+    assert "WARNING shared majority: 7 of 10 downstream classes" in rows["task_1"]
+    assert rows["task_0"].endswith(f"| {sound.mean_class_agreement:.0%} | 1/10 | — |")  # sound: no warning
+    assert "more than 33% of all votes and more than 2x the share of the largest downstream class" in section
+    assert "max(3, 20% of the classes)" in section  # the documented thresholds, named
+    notes = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(notes) == 1 and str(tmp_path / "sweep" / "ks" / "lm-t2" / "keepset.json") in notes[0]
+    assert "unreadable" in notes[0] and f"delete {tmp_path / 'sweep' / 'ks' / 'lm-t2'} and re-run" in notes[0]
+
+
+def test_keepsets_the_report_cannot_find_are_one_note():
+    gone = [_trial("lm", r, 0, 0.7, keepset=f"/nowhere/lm-{r}") for r in (0.5, 0.8)]
+    assert diagnostics_rows(gone) == ([], ["- 2 keep-set(s) the results name are not on this machine (first: "
+                                           "/nowhere/lm-0.5); make the report where the sweep's work_dir is"])
+    rows, notes = diagnostics_rows([_trial("lm", 0.5, 0, 0.7)])  # records that name no keep-set
+    assert rows == [] and "the results name no keep-sets" in notes[0]
+    assert diagnostics_rows([_trial("dense", 0.0, 0, 0.7, surrogate=None)]) == ([], [])

@@ -184,6 +184,7 @@ def test_a_keepset_costs_every_stage_that_produced_it_reused_ones_marked():
                      costs=costs, cache_decoded=True)
     record = spec.record_fields()
     assert set(KEEPSET_COST_KEYS) <= set(record) and record["cache_decoded"] is True
+    assert record["keepset"] == "/k"  # the report reads the keep-set's diagnostics from it
     assert keepset_seconds(record) == pytest.approx(300 + 40 + 2 + 900 + 1.5)
     free = keepset_costs({"select_s": 0.1, "kmeans_s": 0.0, "scores_s": 0.0, "reused": False}, None)
     assert free["surrogate_s"] is None and free["reused_stages"] == []  # random-class never reads the surrogate

@@ -101,6 +101,15 @@ def mapping_diagnostics(unit_idx: np.ndarray, labels: np.ndarray, num_units: int
                               warnings=warnings)
 
 
+def thresholds_text() -> str:
+    """The documented thresholds in a sentence, for readers of a report (see the module docstring)."""
+    return (f"A mapping is flagged when the top unit takes more than {SINK_MIN_SHARE:.0%} of all votes and more than "
+            f"{SINK_CLASS_FACTOR:g}x the share of the largest downstream class (sink unit), or when at least "
+            f"max({SHARED_MIN_CLASSES}, {SHARED_MIN_FRACTION:.0%} of the classes) downstream classes send most of their "
+            "votes to the same unit (shared majority). A warning is a reason to look, not proof of failure: several "
+            "fine-grained classes may rightly share one coarse source unit; check that the named unit is relevant.")
+
+
 def _warnings(top_unit: str, top_share: float, largest_class_share: float, shared_unit: str, shared: int,
               num_classes: int) -> list[str]:
     """The documented threshold checks (see the module docstring)."""

@@ -91,6 +91,15 @@ class KeepSetMeta:
             downstream_features=list(downstream_features or []),
         )
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KeepSetMeta:
+        """The manifest (``keepset.json``) of the keep-set at ``path`` alone: its ids are neither read nor checked."""
+        meta_file = Path(path) / META_FILE
+        if not meta_file.is_file():
+            raise UserError(f"no keep-set at {path} (no {META_FILE}); run `dp4tl select` first")
+        fix = f"delete {path} and re-run `dp4tl select`"
+        return record_from(cls, read_json(meta_file, fix), meta_file, fix)
+
 
 @dataclass
 class KeepSet:
@@ -123,7 +132,7 @@ class KeepSet:
         if not ids_file.is_file() or not meta_file.is_file():
             raise UserError(f"no keep-set at {path} ({IDS_FILE} + {META_FILE}); run `dp4tl select` first")
         fix = f"delete {path} and re-run `dp4tl select`"
-        meta = record_from(KeepSetMeta, read_json(meta_file, fix), meta_file, fix)
+        meta = KeepSetMeta.load(path)
         if atomic.sha256_file(ids_file) != meta.sha256:
             raise UserError(
                 f"keep-set {path}: {IDS_FILE} is corrupt or modified (sha256 mismatch); re-run `dp4tl select`"
