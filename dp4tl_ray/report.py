@@ -5,6 +5,8 @@ summary rows out, and tables and figures drawn from those rows. A table covers o
 rows are methods (dense first), columns pruning ratios, cells mean ± std over seeds in percent with
 their 95% interval (``dp4tl_ray.intervals``: Student t over seeds, or Wilson in the test images for one seed).
 ``random-init`` (no pretraining at all: the floor any pretraining must beat) is a reference row like dense.
+The one read besides the results: report.md's *Selection diagnostics*, from the manifests of the keep-sets
+the trials name (:mod:`dp4tl_ray.report_diagnostics`).
 """
 
 from __future__ import annotations
