@@ -94,6 +94,35 @@ def test_separable_blur_matches_torchvision_gaussian_blur():
     torch.testing.assert_close(_GaussianBlur(7, (1.3, 1.3))(img), TF.gaussian_blur(img, [7, 7], [1.3, 1.3]))
 
 
+def test_shift_blur_reaches_its_largest_sigma_at_small_sizes():
+    """The shift recipe's blur spreads an impulse by the sigma drawn, also at 32 px (10% of the side,
+    3 taps, would cap it at ~0.8 px); at 224 px it keeps SimCLR's 10% kernel."""
+    from dp4tl_ray.data.transforms import SHIFT_BLUR_SIGMA, shift_blur_kernel
+
+    sigma = SHIFT_BLUR_SIGMA[1]
+    for size in (16, 32, 64):
+        impulse = torch.zeros(1, size, size)
+        impulse[0, size // 2, size // 2] = 1
+        out = _GaussianBlur(shift_blur_kernel(size), (sigma, sigma))(impulse)[0]
+        offsets = torch.arange(size, dtype=torch.float32) - size // 2
+        spread = float((out.sum(0) * offsets**2).sum().sqrt())  # std of the response along x
+        assert abs(spread - sigma) < 0.1, (size, spread)
+    assert shift_blur_kernel(224) == 23 and shift_blur_kernel(4) == 7
+
+
+def test_augment_batch_with_a_generator_is_the_seeded_recipe():
+    """A benchmark's in-process loop passes a seeded generator: augment_batch then draws exactly what the
+    recipe's own function draws with it, and the same seed gives the same batch."""
+    from dp4tl_ray.data.transforms import shift_augment
+
+    kwargs = {"mode": "supervised", "size": 24, "scale": (0.35, 1.0), "recipe": "shift"}
+    first = augment_batch(_batch(), **kwargs, generator=_gen(3))["image"]
+    assert np.array_equal(first, augment_batch(_batch(), **kwargs, generator=_gen(3))["image"])
+    assert np.array_equal(first, shift_augment(_batch(), 24, scale=(0.35, 1.0), generator=_gen(3))["image"])
+    standard = augment_batch(_batch(), **{**kwargs, "recipe": "standard"}, generator=_gen(3))["image"]
+    assert np.array_equal(standard, supervised_augment(_batch(), 24, scale=(0.35, 1.0), generator=_gen(3))["image"])
+
+
 def test_augment_batch_gives_each_mode_its_recipe():
     moco = augment_batch(_batch(), mode="moco_v2", size=24, scale=(0.5, 1.0))
     assert set(moco) == {"id", "label", "q", "k"} and moco["q"].shape == (6, 24, 24, 3)

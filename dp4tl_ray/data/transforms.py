@@ -42,8 +42,9 @@ BLUR_KERNEL_FRACTION = 0.1  # kernel ~10% of the crop side, made odd (SimCLR's c
 # blurred, grey or tinted downstream images (each p per image).
 SHIFT_DOWN_UP = (2.0, 5.0)  # down-sample by a factor drawn here, then back up (bilinear)
 SHIFT_DOWN_UP_P = 0.5
-SHIFT_BLUR_SIGMA = (0.1, 2.0)
+SHIFT_BLUR_SIGMA = (0.1, 2.0)  # pixels of the output image, whatever its size
 SHIFT_BLUR_P = 0.5
+SHIFT_BLUR_TRUNCATE = 3.0  # the kernel reaches this many sigmas (of the largest) each side, at any image size
 RECIPES = ("standard", "shift")  # the supervised/adversarial augmentation; MoCo v2 keeps its own
 
 
@@ -92,18 +93,28 @@ class _DownUp:
         return F.interpolate(small, size=img.shape[-2:], mode="bilinear")[0]
 
 
+def shift_blur_kernel(size: int) -> int:
+    """The shift recipe's blur kernel (odd) at output ``size``: SimCLR's ~10% of the side, but never
+    shorter than :data:`SHIFT_BLUR_TRUNCATE` of the largest sigma each side (13 taps), so the
+    documented sigma range is what small images get too (10% of 32 px is 3 taps: a blur of at most
+    ~0.8 px whatever sigma was drawn); at most ``2 * size - 1`` (reflect padding needs less than the side)."""
+    import math
+
+    half = max(int(BLUR_KERNEL_FRACTION * size) // 2, math.ceil(SHIFT_BLUR_TRUNCATE * SHIFT_BLUR_SIGMA[1]))
+    return 2 * min(half, size - 1) + 1
+
+
 @lru_cache(maxsize=None)
 def _shift_pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
     import torch
     from torchvision.transforms import v2
 
-    kernel = int(BLUR_KERNEL_FRACTION * size) // 2 * 2 + 1
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=scale, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         v2.RandomApply([_DownUp(SHIFT_DOWN_UP)], p=SHIFT_DOWN_UP_P),
-        v2.RandomApply([_GaussianBlur(max(kernel, 3), SHIFT_BLUR_SIGMA)], p=SHIFT_BLUR_P),
+        v2.RandomApply([_GaussianBlur(shift_blur_kernel(size), SHIFT_BLUR_SIGMA)], p=SHIFT_BLUR_P),
         v2.RandomApply([v2.ColorJitter(*MOCO_V2_JITTER)], p=MOCO_V2_JITTER_P),
         v2.RandomGrayscale(p=MOCO_V2_GRAYSCALE_P),
         v2.Lambda(_to_uint8),
@@ -166,21 +177,22 @@ def shift_augment(batch: dict[str, np.ndarray], size: int, scale: tuple[float, f
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, mode: str, size: int, scale: tuple[float, float],
-                  recipe: str = "standard") -> dict[str, np.ndarray]:
-    """A pretraining mode's augmentation of a decoded batch (fresh random draws every call): the Ray
-    Data stage's UDF on the streamed path, called by the worker itself on a cached keep-set.
+                  recipe: str = "standard", generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """A pretraining mode's augmentation of a decoded batch (fresh random draws every call unless a
+    seeded ``generator`` is given, as a benchmark's in-process loop does): the Ray Data stage's UDF on
+    the streamed path, called by the worker itself on a cached keep-set.
     ``moco_v2``: two MoCo v2 views; the other modes: RandomResizedCrop(``size``, ``scale``) + flip,
     with ``recipe="shift"`` followed by the shift-covering augmentations."""
     if mode == "moco_v2":
-        return moco_v2_augment(batch, size)
+        return moco_v2_augment(batch, size, generator=generator)
     if recipe == "shift":
-        return shift_augment(batch, size, scale=scale)
-    return supervised_augment(batch, size, scale=scale)
+        return shift_augment(batch, size, scale=scale, generator=generator)
+    return supervised_augment(batch, size, scale=scale, generator=generator)
 
 
 __all__ = [
     "BLUR_KERNEL_FRACTION", "MOCO_V2_BLUR_P", "MOCO_V2_BLUR_SIGMA", "MOCO_V2_CROP_SCALE", "MOCO_V2_GRAYSCALE_P",
-    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "RECIPES", "SUPERVISED_CROP_SCALE", "augment_batch", "finetune_augment",
-    "moco_v2_augment", "shift_augment",
+    "MOCO_V2_JITTER", "MOCO_V2_JITTER_P", "RECIPES", "SHIFT_BLUR_SIGMA", "SHIFT_BLUR_TRUNCATE", "SHIFT_DOWN_UP",
+    "SUPERVISED_CROP_SCALE", "augment_batch", "finetune_augment", "moco_v2_augment", "shift_augment", "shift_blur_kernel",
     "supervised_augment",
 ]
