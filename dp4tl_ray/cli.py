@@ -152,9 +152,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    from dp4tl_ray.explain import explain_keepset
+    from dp4tl_ray.explain import explain_keepset, uses_ray
     from dp4tl_ray.explain.explorer import PAGE, SUMMARY
 
+    if uses_ray(args.keepset):  # fm-classmean: class means from actors reading the source store
+        init_ray(verbose=args.verbose)
     out = explain_keepset(args.keepset, args.out)
     print(f"explorer page: {out / PAGE}\nsummary: {out / SUMMARY}")
 

@@ -119,11 +119,8 @@ class KeepSet:
     def load(cls, path: str | os.PathLike) -> KeepSet:
         """Read a keep-set, refusing one whose ids do not match the recorded sha256."""
         path = Path(path)
-        ids_file, meta_file = path / IDS_FILE, path / META_FILE
-        if not ids_file.is_file() or not meta_file.is_file():
-            raise UserError(f"no keep-set at {path} ({IDS_FILE} + {META_FILE}); run `dp4tl select` first")
-        fix = f"delete {path} and re-run `dp4tl select`"
-        meta = record_from(KeepSetMeta, read_json(meta_file, fix), meta_file, fix)
+        ids_file, fix = path / IDS_FILE, _fix(path)
+        meta = read_meta(path)
         if atomic.sha256_file(ids_file) != meta.sha256:
             raise UserError(
                 f"keep-set {path}: {IDS_FILE} is corrupt or modified (sha256 mismatch); re-run `dp4tl select`"
@@ -139,6 +136,19 @@ class KeepSet:
     def filter(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
         """The rows of ``dataset`` (which has an ``id`` column) whose id is kept (:func:`filter_by_ids`)."""
         return filter_by_ids(dataset, self.ids)
+
+
+def read_meta(path: str | os.PathLike) -> KeepSetMeta:
+    """The provenance of the keep-set at ``path`` (its ids are not read: :meth:`KeepSet.load` checks them)."""
+    path = Path(path)
+    meta_file, fix = path / META_FILE, _fix(path)
+    if not (path / IDS_FILE).is_file() or not meta_file.is_file():
+        raise UserError(f"no keep-set at {path} ({IDS_FILE} + {META_FILE}); run `dp4tl select` first")
+    return record_from(KeepSetMeta, read_json(meta_file, fix), meta_file, fix)
+
+
+def _fix(path: Path) -> str:
+    return f"delete {path} and re-run `dp4tl select`"
 
 
 def filter_by_ids(dataset: ray.data.Dataset, sorted_ids: np.ndarray, keep: bool = True) -> ray.data.Dataset:
