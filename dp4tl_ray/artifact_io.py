@@ -35,7 +35,8 @@ def damaged(path: str | Path, problem: str, fix: str) -> UserError:
 def _reason(e: BaseException) -> str:
     if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
         return f"{e.problem} at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
-    text = " ".join(str(e).split()) or type(e).__name__
+    # one line of printable text: parsers quote the damaged bytes (thrift: "don't know what type: \x0f")
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split()) or type(e).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 

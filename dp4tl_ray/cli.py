@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dp4tl_ray.config import from_dict, load_yaml
-from dp4tl_ray.errors import UserError
+from dp4tl_ray.errors import UserError, user_message
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -152,9 +152,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    from dp4tl_ray.explain import explain_keepset
+    from dp4tl_ray.explain import explain_keepset, uses_ray
     from dp4tl_ray.explain.explorer import PAGE, SUMMARY
 
+    if uses_ray(args.keepset):  # fm-classmean: class means from actors reading the source store
+        init_ray(verbose=args.verbose)
     out = explain_keepset(args.keepset, args.out)
     print(f"explorer page: {out / PAGE}\nsummary: {out / SUMMARY}")
 
@@ -299,8 +301,8 @@ def run(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import chatter is not news
     try:
         args.func(args)
-    except UserError as e:  # raised in a Ray task it arrives as RayTaskError(UserError): print its cause alone
-        print(f"dp4tl: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+    except UserError as e:
+        print(f"dp4tl: error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,6 +3,10 @@
 Columns ``id:int64, label:int32, feature:fixed_size_list<float32>[d]`` (L2-normalised),
 ``topk_idx:list<int32>, topk_logit:list<float32>``. Pure pyarrow/numpy: reading a store does not
 import torch (k-means actors and selection stay light).
+
+Shards carry a CRC32 per page (:func:`write_shard`) and every reader checks it (:func:`open_shard`):
+without it bytes damaged inside a data page (a bad disk or copy; the footer intact) read back as
+other features without any error. A damaged shard is one line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ def feature_table(ids, labels, feats: np.ndarray, topk_idx: np.ndarray, topk_log
             "topk_logit": lists(topk_logit.astype(np.float32), pa.float32()),
         }
     )
+
+
+def write_shard(table: pa.Table, path: str | Path) -> None:
+    """Write FeatureStore rows as one parquet shard, each page with its CRC32 (checked on every read)."""
+    pq.write_table(table, path, write_page_checksum=True)
+
+
+def open_shard(path: str | Path, **options: Any) -> pq.ParquetFile:
+    """A shard opened for reading with its pages' CRC32s checked (shards written before they had them read as before)."""
+    return pq.ParquetFile(path, page_checksum_verification=True, **options)
 
 
 @dataclass
@@ -84,10 +98,14 @@ class FeatureStore:
         return int(self.manifest["num_rows"])
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        """The whole store as one Arrow table sorted by id (small stores, tests and tools)."""
-        with reading(self.path, store_fix(self.path)):
-            table = pq.ParquetDataset(self.files).read(columns=columns)
-        return table.sort_by("id")
+        """The whole store (or ``columns`` of it) as one Arrow table sorted by id."""
+        tables = []
+        for f in self.files:
+            with reading_shard(f), open_shard(f) as shard:
+                tables.append(shard.read(columns=columns))
+        if not tables:
+            raise damaged(self.path, "holds no parquet shard", store_fix(self.path))
+        return pa.concat_tables(tables).sort_by("id")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``ids, labels, features[n, d], topk_idx[n, k]`` as numpy, sorted by id."""
@@ -97,16 +115,15 @@ class FeatureStore:
         topk = np.asarray(t.column("topk_idx").combine_chunks().flatten(), dtype=np.int32).reshape(t.num_rows, k)
         return t.column("id").to_numpy(), t.column("label").to_numpy(), feats, topk
 
-    def dataset(self, columns: list[str] | None = None):
-        """The store as a Ray Dataset (streams; nothing gathered on the driver)."""
-        import ray.data
-
-        return ray.data.read_parquet([str(f) for f in self.files], columns=columns)
-
 
 def store_fix(path: Path) -> str:
     """What to do about a damaged FeatureStore at ``path``."""
     return f"delete {path} and re-run `dp4tl extract`"
+
+
+def reading_shard(path: Path):
+    """:func:`~dp4tl_ray.artifact_io.reading` for a shard of a store: a failure names the file and the store's fix."""
+    return reading(path, store_fix(path.parent))
 
 
 def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -124,19 +141,24 @@ def read_rows(paths: list[Path], label_range: tuple[int, int] | None = None) -> 
     label column when filtering, which also skips row groups holding none of the range), so the only
     sizeable new memory is the result: Arrow's decode buffers stay small and are reused batch after batch
     (reading whole row groups allocated ~5x the features in transient buffers). ``ParquetFile`` also skips
-    the ``pyarrow.dataset`` import that ``pq.read_table`` pays on first use.
+    the ``pyarrow.dataset`` import that ``pq.read_table`` pays on first use. A damaged file (a k-means or
+    class-statistics actor reads its files in its first call) is the one-line error naming it.
     """
-    files = [pq.ParquetFile(p, buffer_size=READ_BUFFER_BYTES, pre_buffer=False) for p in paths]
+    files = []
+    for p in paths:
+        with reading_shard(p):
+            files.append(open_shard(p, buffer_size=READ_BUFFER_BYTES, pre_buffer=False))
     groups = [list(range(f.num_row_groups)) for f in files]
     if label_range is None:
         n = sum(f.metadata.num_rows for f in files)
     else:
         lo, hi = label_range
         n = 0
-        for f, rgs in zip(files, groups):
+        for p, f, rgs in zip(paths, files, groups):
             wanted = []
             for rg in rgs:
-                labels = f.read_row_group(rg, columns=["label"], use_threads=False).column(0).to_numpy()
+                with reading_shard(p):
+                    labels = f.read_row_group(rg, columns=["label"], use_threads=False).column(0).to_numpy()
                 hits = int(np.count_nonzero((labels >= lo) & (labels < hi)))
                 if hits:
                     wanted.append(rg)
@@ -145,15 +167,16 @@ def read_rows(paths: list[Path], label_range: tuple[int, int] | None = None) -> 
     d = files[0].schema_arrow.field("feature").type.list_size
     ids, labels, x = np.empty(n, np.int64), np.empty(n, np.int32), np.empty((n, d), np.float32)
     start = 0
-    for f, rgs in zip(files, groups):
+    for p, f, rgs in zip(paths, files, groups):
         if not rgs:
             continue
-        for batch in f.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=rgs, columns=["id", "label", "feature"],
-                                    use_threads=False):
-            lab = batch.column(1).to_numpy()
-            keep = slice(None) if label_range is None else (lab >= label_range[0]) & (lab < label_range[1])
-            b_ids, b_x = batch.column(0).to_numpy()[keep], feature_matrix(batch.column(2))[keep]
-            end = start + len(b_ids)
-            ids[start:end], labels[start:end], x[start:end] = b_ids, lab[keep], b_x
-            start = end
+        with reading_shard(p):
+            for batch in f.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=rgs, columns=["id", "label", "feature"],
+                                        use_threads=False):
+                lab = batch.column(1).to_numpy()
+                keep = slice(None) if label_range is None else (lab >= label_range[0]) & (lab < label_range[1])
+                b_ids, b_x = batch.column(0).to_numpy()[keep], feature_matrix(batch.column(2))[keep]
+                end = start + len(b_ids)
+                ids[start:end], labels[start:end], x[start:end] = b_ids, lab[keep], b_x
+                start = end
     return ids, labels, x

@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
-from dp4tl_ray.artifact_io import read_json, reading
+from dp4tl_ray.artifact_io import read_json, reading, require_columns
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import MANIFEST
+from dp4tl_ray.featurestore import MANIFEST, open_shard, write_shard
 
 PART_GLOB = "part-*.parquet"
 RUN_GLOB = "run-*.json"
@@ -46,7 +45,7 @@ def commit_part(batch: pa.Table, *, staging: str) -> dict[str, np.ndarray]:
     ids = np.sort(batch.column("id").to_numpy())
     name = f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:24]}.parquet"
     with atomic.file_path(Path(staging) / name) as tmp:
-        pq.write_table(batch, tmp)
+        write_shard(batch, tmp)
     return {"rows": np.array([batch.num_rows], dtype=np.int64)}
 
 
@@ -72,8 +71,10 @@ class PartStaging:
             leftover.unlink(missing_ok=True)
         chunks = []
         for part in self.parts():
-            with reading(part, f"delete {part} (only its rows are extracted again)"):
-                chunks.append(pq.read_table(part, columns=["id"]).column("id").to_numpy())
+            fix = f"delete {part} (only its rows are extracted again)"
+            with reading(part, fix), open_shard(part) as f:
+                require_columns(f.schema_arrow, ["id"], part, fix)
+                chunks.append(f.read(columns=["id"]).column("id").to_numpy())
         ids = np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
         if ids.size > 1 and not (np.diff(ids) > 0).all():
             raise UserError(f"{self.path}: a row id is in two parts (files changed by hand?); delete it and extract again")

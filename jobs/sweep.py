@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dp4tl_ray.cli import add_sweep_flags, run_sweep_command  # noqa: E402
-from dp4tl_ray.errors import UserError  # noqa: E402
+from dp4tl_ray.errors import UserError, user_message  # noqa: E402
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     try:
         run_sweep_command(args)
     except UserError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
+        print(f"sweep: error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

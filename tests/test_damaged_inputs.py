@@ -2,7 +2,8 @@
 
 One table-driven test per reader: each damages one file of a real artifact, expects a single-line
 ``UserError`` naming that file, and checks that nothing on disk was deleted or changed by the read.
-No Ray: every reader here runs on the driver before any Ray work starts.
+No Ray, except where the reader is a Ray actor (FeatureStore shards read by k-means and class-statistics
+actors): those go through the CLI on the session's local Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dp4tl_ray.config import load_yaml
 from dp4tl_ray.data.imagefolder import read_class_index, scan_image_folder, write_class_index
 from dp4tl_ray.data.parquet import open_shards, shard_image_folder
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table, read_rows, write_shard
 from dp4tl_ray.kmeans.distributed import _reusable, _write_result, load_assignments, load_centroids
 from dp4tl_ray.models import load_checkpoint
 from dp4tl_ray.parts import PartStaging
@@ -46,6 +47,18 @@ def damage(path: Path, kind: str, wrong_schema: Callable[[Path], None]) -> None:
         path.write_bytes(b"")
     else:
         wrong_schema(path)
+
+
+def garble_inside(path: Path, column: str) -> None:
+    """Overwrite 8 bytes in the middle of ``column``'s pages in the first row group, the file's size and
+    footer kept (a bad sector or copy): opening the file cannot tell."""
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.split(".")[0] == column)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    middle = start + chunk.total_compressed_size // 2
+    data[middle:middle + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
 
 
 def write_json_list(path: Path) -> None:
@@ -133,8 +146,8 @@ def write_store(path: Path, n: int = 12, d: int = 4, k: int = 2, files: int = 2,
     topk = np.stack([labels, (labels + 1) % classes], axis=1)
     path.mkdir(parents=True)
     for i, rows in enumerate(np.array_split(np.arange(n), files)):
-        pq.write_table(feature_table(rows, labels[rows], feats[rows], topk[rows], np.ones((len(rows), k))),
-                       path / f"part-{i}.parquet")
+        write_shard(feature_table(rows, labels[rows], feats[rows], topk[rows], np.ones((len(rows), k))),
+                    path / f"part-{i}.parquet")
     manifest = {"dim": d, "num_rows": n, "topk": k, "classes": [f"c{i}" for i in range(classes)],
                 "surrogate": {"arch": "resnet18"}, "source_fingerprint": "f", "source": "/nowhere"}
     (path / MANIFEST).write_text(json.dumps(manifest))
@@ -150,6 +163,19 @@ def test_damaged_featurestore_is_one_line(tmp_path, kind, name, wrong):
     store = write_store(tmp_path / "store")
     damage(store / name, kind, wrong)
     assert_refused(lambda: FeatureStore.open(store), store / name, "re-run `dp4tl extract`", tmp_path)
+
+
+@pytest.mark.parametrize("column", ["id", "feature"])
+@pytest.mark.parametrize("read", [
+    lambda s: s.read(), lambda s: s.arrays(), lambda s: read_rows(s.files), lambda s: read_rows(s.files, (0, 2)),
+], ids=["read", "arrays", "read_rows", "read_rows_of_classes"])
+def test_featurestore_shard_damaged_inside_is_one_line(tmp_path, read, column):
+    """Bytes damaged inside a data page, the footer intact: the page's CRC32 refuses what would otherwise
+    read back as other ids or features without an error."""
+    store = write_store(tmp_path / "store")
+    garble_inside(store / "part-1.parquet", column)
+    opened = FeatureStore.open(store)  # footers only: cannot tell
+    assert_refused(lambda: read(opened), store / "part-1.parquet", f"delete {store} and re-run `dp4tl extract`", tmp_path)
 
 
 @pytest.mark.parametrize("change,problem", [
@@ -343,6 +369,21 @@ def test_cli_yaml_syntax_error_exits_2_with_one_line(tmp_path, capsys):
     assert run(["select", "--config", str(config)]) == 2
     err = _one_line_error(capsys)
     assert str(config) in err and "line" in err
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("method,flags", [("fm", ["--k", "2"]), ("fm-classmean", []), ("moderate", [])])
+def test_cli_shard_damaged_inside_is_one_line_from_the_actors_that_read_it(ray_local, tmp_path, capsys, method, flags):
+    """Ids and labels intact (the driver's reads pass), features damaged: the k-means (fm) and class-statistics
+    (fm-classmean, moderate: by class range) actors find it, and their error reaches the user as one line."""
+    source, task = write_store(tmp_path / "source"), write_store(tmp_path / "task")
+    shard = source / "part-1.parquet"
+    garble_inside(shard, "feature")
+    assert run(["select", "--method", method, "--ratio", "0.5", "--source-features", str(source),
+                "--downstream-features", str(task), "--out", str(tmp_path / "ks"), *flags]) == 2
+    err = _one_line_error(capsys)
+    assert str(shard) in err and f"delete {source} and re-run `dp4tl extract`" in err
+    assert not (tmp_path / "ks").exists()
 
 
 def test_cli_truncated_featurestore_shard_exits_2_with_one_line(tmp_path, capsys):

@@ -147,6 +147,28 @@ def test_explain_defaults_to_keepset_explain_and_the_cli_prints_the_page(world, 
     assert (root / "lm" / "explain" / "summary.png").is_file()
 
 
+def test_explain_starts_ray_through_init_ray_only_for_fm_classmean(world, tmp_path, monkeypatch, capsys):
+    """fm-classmean's class means come from Ray actors: the command starts Ray as every entry point does
+    (``cli.init_ray``, with the user's verbosity) instead of implicitly; an LM keep-set needs no Ray."""
+    import dp4tl_ray.cli as cli
+
+    root, _ = world
+    started = []
+
+    def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
+        started.append(verbose)
+        raise UserError("Ray would start here")
+
+    monkeypatch.setattr(cli, "init_ray", init_ray)
+    classmean = tmp_path / "classmean"
+    shutil.copytree(root / "lm", classmean)
+    meta = json.loads((classmean / META_FILE).read_text())
+    (classmean / META_FILE).write_text(json.dumps({**meta, "method": "fm-classmean"}))
+    assert run(["-v", "explain", str(classmean)]) == 2 and started == [True]
+    assert "Ray would start here" in capsys.readouterr().err
+    assert run(["explain", str(root / "lm"), "--out", str(tmp_path / "lm")]) == 0 and started == [True]
+
+
 def _copy(world, tmp_path) -> tuple[Path, Path]:
     root, _ = world
     shutil.copytree(root, tmp_path / "w", symlinks=True)

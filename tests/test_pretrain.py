@@ -167,3 +167,29 @@ def test_a_cluster_shortfall_is_refused_locally_but_awaited_on_an_attached_clust
     with caplog.at_level("WARNING"):
         _check_cluster_fits(gpu_run)
     assert "waiting for the autoscaler" in caplog.text
+
+
+def test_the_decode_cache_prints_no_cpu_warning_on_a_healthy_cluster(ray_local, synth_dirty, tmp_path):
+    """Ray Data warned "The Ray cluster currently does not have any available CPUs. The Dataset job will
+    hang ..." as `make demo` cached the surrogate's images: its resource view still counted finished tasks
+    (``from_arrow``'s metadata tasks, materialize's own decode tasks) on an idle 2-CPU cluster."""
+    import logging
+
+    from ray.util.debug import reset_log_once
+
+    from dp4tl_ray.data.cpu_view import NO_CPU_WARNING, RAY_DATA_LOGGER
+    from dp4tl_ray.train.trainer import decode_once, training_dataset
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(RAY_DATA_LOGGER)
+    logger.addHandler(handler)
+    reset_log_once("cpu_warning")  # Ray Data says it once per process
+    try:
+        decoded, _, _, images = training_dataset(_cfg(synth_dirty.source_dir, tmp_path, rows_per_block=16))
+        broken = sum(f.startswith("source/") for f in synth_dirty.broken_files)
+        assert decode_once(decoded).count() == images - broken
+    finally:
+        logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if NO_CPU_WARNING in r.getMessage()]

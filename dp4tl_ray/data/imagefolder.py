@@ -114,9 +114,16 @@ def scan_image_folder(root: str | Path, class_index: str | Path | list[str] | No
 
 
 def index_dataset(index: FolderIndex, rows_per_block: int = 256):
-    """A Ray Dataset of ``id, label, path`` rows, in blocks of ``rows_per_block``."""
+    """A Ray Dataset of ``id, label, path`` rows, in blocks of ``rows_per_block``.
+
+    ``from_blocks``, not ``from_arrow``: the driver holds the index, so the blocks' metadata is computed
+    here. ``from_arrow`` runs a 1-CPU Ray task per block for it; on a small cluster those finished
+    tasks still hold every CPU in Ray's resource view (it lags by tens of ms) when the next stage
+    materializes the dataset (pretraining's decode cache), and Ray Data then warns that "the Ray cluster
+    currently does not have any available CPUs. The Dataset job will hang ..." on a healthy run. The
+    tasks also cost worker start-ups (seconds on a fresh cluster)."""
     import ray.data
 
     table = index.table()
     blocks = [table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    return ray.data.from_blocks(blocks)

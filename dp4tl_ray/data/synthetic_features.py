@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
-from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
+from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table, write_shard
 
 SURROGATE = {"name": "synthetic", "arch": "synthetic", "num_classes": 0, "small_input": False, "checkpoint": None,
              "random_init_seed": 0}
@@ -62,7 +61,7 @@ def _write(out: Path, shards, manifest: dict) -> FeatureStore:
     n = 0
     with atomic.directory(out) as tmp:
         for i, (ids, labels, x, top, logit) in enumerate(shards):
-            pq.write_table(feature_table(ids, labels, x, top, logit), tmp / f"part-{i:05d}.parquet")
+            write_shard(feature_table(ids, labels, x, top, logit), tmp / f"part-{i:05d}.parquet")
             n += len(ids)
         seconds = time.perf_counter() - t0
         manifest = {**manifest, "num_rows": n, "num_inputs": n, "seconds": round(seconds, 3),

@@ -17,7 +17,7 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore
 from dp4tl_ray.select.class_stats import class_means
 from dp4tl_ray.select.feature_mapping import nearest_centres
-from dp4tl_ray.select.keepset import KeepSet, isin_sorted
+from dp4tl_ray.select.keepset import KeepSet, KeepSetMeta, isin_sorted
 from dp4tl_ray.select.pipeline import REVERSE, UNIT_METHODS
 from dp4tl_ray.select.voting import (
     combine_task_votes,
@@ -28,6 +28,12 @@ from dp4tl_ray.select.voting import (
 )
 
 _RESELECT = "re-run `dp4tl select`"
+RAY_METHODS = ("fm-classmean",)  # its class means come again from Ray actors reading the source store
+
+
+def uses_ray(path: str | Path) -> bool:
+    """Whether explaining the keep-set at ``path`` runs Ray work (the caller starts Ray: ``cli.init_ray``)."""
+    return KeepSetMeta.load(path).method in RAY_METHODS
 
 
 @dataclass(frozen=True)

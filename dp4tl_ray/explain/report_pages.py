@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dp4tl_ray import atomic
-from dp4tl_ray.errors import UserError
+from dp4tl_ray.errors import UserError, user_message
 from dp4tl_ray.explain.explorer import PAGE, explain_keepset
 
 EXPLAIN_DIR = "explain"
@@ -27,7 +27,7 @@ def explain_keepsets(report_dir: str | Path, keepsets: list[str]) -> dict[str, P
         try:
             out = explain_keepset(path, report_dir / EXPLAIN_DIR / name)
         except UserError as e:
-            lines.append(f"- {name}: no page ({e})")
+            lines.append(f"- {name}: no page ({user_message(e)})")
             continue
         pages[f"{EXPLAIN_DIR}/{name}"] = out / PAGE
         lines.append(f"- [{name}]({EXPLAIN_DIR}/{name}/{PAGE})")

@@ -23,12 +23,14 @@ from dp4tl_ray.kmeans.backends import (
 from dp4tl_ray.kmeans.config import INITS, KMeansConfig, KMeansResult
 from dp4tl_ray.kmeans.distributed import (
     ActorShards,
+    ShardHost,
     ShardWorker,
     file_groups,
     kmeans_distributed,
     load_assignments,
     load_centroids,
     read_shard,
+    start_shard_actors,
 )
 from dp4tl_ray.kmeans.lloyd import (
     Bounds,
@@ -45,8 +47,8 @@ from dp4tl_ray.kmeans.shards import LloydRun, LocalShards, Shard, Shards, kmeans
 
 __all__ = [
     "INITS", "ActorShards", "AssignBackend", "Bounds", "FaissCpuBackend", "FaissGpuBackend", "KMeansConfig", "KMeansResult",
-    "LloydRun", "LocalShards", "Shard", "ShardWorker", "Shards", "TorchBackend", "assign", "bounded_assign", "cluster_sums",
+    "LloydRun", "LocalShards", "Shard", "ShardHost", "ShardWorker", "Shards", "TorchBackend", "assign", "bounded_assign", "cluster_sums",
     "file_groups", "init_centroids", "key_threshold", "kmeans_distributed", "kmeans_on_shards", "kmeans_plus_plus",
     "kmeans_single", "load_assignments", "load_centroids", "moved_sums", "objective_from_sums", "probe_backend", "read_shard", "running_sums",
-    "sample_keys", "update_centroids",
+    "sample_keys", "start_shard_actors", "update_centroids",
 ]

@@ -55,18 +55,69 @@ class ShardWorker(Shard):
         return len(self.ids), self.backend.name, self.read_seconds
 
 
+class ShardHost:
+    """A Ray actor holding one shard object (a ``ShardWorker``, a ``ClassRows``), built in its first call.
+
+    Not in the actor's constructor: Ray (2.60) hands the caller an exception raised there only as the
+    text of an ``ActorDiedError``, while one raised in a call arrives as itself (``RayTaskError(UserError)``,
+    the ``UserError`` its ``cause``), so a damaged store file an actor reads stays the one line naming it."""
+
+    def __init__(self, cls: type, *args):
+        self.cls, self.args, self.obj = cls, args, None
+
+    def call(self, method: str, *args):
+        if self.obj is None:
+            self.obj = self.cls(*self.args)
+        return getattr(self.obj, method)(*args)
+
+
+def start_shard_actors(cls: type, args: list[tuple], **options) -> list:
+    """One :class:`ShardHost` actor of ``cls(*a)`` per ``a`` in ``args``, with Ray actor ``options``."""
+    import ray
+
+    host = ray.remote(ShardHost).options(**options)
+    return [host.remote(cls, *a) for a in args]
+
+
 class ActorShards(Shards):
-    """Shards held by Ray actors (``ShardWorker``): a call goes to every actor at once and waits for all;
-    an array larger than Ray's inline limit is put in the object store once rather than sent to each actor."""
+    """Shards held by Ray actors (:func:`start_shard_actors`): a call goes to every actor at once and waits
+    for all; an array larger than Ray's inline limit is put in the object store once rather than sent to each actor."""
 
     def __init__(self, actors: list):
         self.actors = actors
 
-    def call(self, method: str, *args) -> list:
+    def submit(self, method: str, *args) -> list:
+        """``method(*args)`` on every actor: their object refs, in actor order."""
         import ray
 
         args = tuple(ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > INLINE_BYTES else a for a in args)
-        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        return [actor.call.remote(method, *args) for actor in self.actors]
+
+    def call(self, method: str, *args) -> list:
+        return self.get(self.submit(method, *args))
+
+    def get(self, refs: list) -> list:
+        """``ray.get(refs)``. When one fails the actors are stopped and every other answer fetched too:
+        Ray prints an error nobody fetched again at exit, as a traceback after the one-line message."""
+        import ray
+
+        try:
+            return ray.get(refs)
+        except Exception:
+            self.stop()
+            for ref in refs:
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 - fetched only to mark it handled; the first error is raised
+                    pass
+            raise
+
+    def stop(self) -> None:
+        """End the actors (their shards go with them)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def file_groups(files: list[Path], num_actors: int) -> list[list[str]]:
@@ -117,8 +168,6 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     ``shard_read`` is the slowest actor's read), ``init``, ``iterations`` (of which ``iteration_compute``
     is the slowest actor's Lloyd steps), ``final_assign`` and ``write``.
     """
-    import ray
-
     store = FeatureStore.open(store_dir)
     n, d = store.num_rows, store.dim
     cfg.validate(n)
@@ -137,22 +186,21 @@ def kmeans_distributed(store_dir: str | Path, cfg: KMeansConfig) -> KMeansResult
     start = time.perf_counter()
     groups = file_groups(files, cfg.num_actors)
     _check_resources(len(groups), cfg)
-    worker = ray.remote(ShardWorker).options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
-    actors = [worker.remote(g, cfg.num_gpus_per_actor > 0, int(cfg.num_cpus_per_actor), cfg.bounds) for g in groups]
+    actors = start_shard_actors(ShardWorker, [(g, cfg.num_gpus_per_actor > 0, int(cfg.num_cpus_per_actor), cfg.bounds)
+                                              for g in groups],
+                                num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
+    shards = ActorShards(actors)
     try:
-        # queued behind each actor's start-up: one wait covers start, shard reads and the init keys
-        info_refs = [a.info.remote() for a in actors]
-        key_refs = [a.smallest_keys.remote(cfg.seed, min(cfg.init_rows, n)) for a in actors]
-        infos = ray.get(info_refs)
+        # queued behind each actor's start-up (its shard read): one wait covers start, reads and the init keys
+        answers = shards.get(shards.submit("info") + shards.submit("smallest_keys", cfg.seed, min(cfg.init_rows, n)))
+        infos, keys = answers[:len(actors)], answers[len(actors):]
         if sum(i[0] for i in infos) != n:
             raise UserError(f"FeatureStore {store.path} holds {sum(i[0] for i in infos)} rows, manifest says {n}; re-extract it")
         backend = "+".join(sorted({i[1] for i in infos}))
-        keys = ray.get(key_refs)
         loaded = time.perf_counter()
-        run = kmeans_on_shards(ActorShards(actors), cfg, n, keys)
+        run = kmeans_on_shards(shards, cfg, n, keys)
     finally:
-        for a in actors:
-            ray.kill(a)
+        shards.stop()
 
     if len(run.ids) > 1 and np.any(run.ids[1:] == run.ids[:-1]):
         raise UserError(f"FeatureStore {store.path} has duplicate ids; re-extract it")

@@ -46,17 +46,13 @@ def class_ranges(counts: np.ndarray, parts: int) -> list[tuple[int, int]]:
 
 def _on_actors(specs: list[tuple[list[str], tuple[int, int] | None]], method: str, *args) -> list:
     """``ClassRows.<method>(*args)`` on one actor per ``(paths, label_range)``, answers in that order; the actors end after."""
-    import ray
+    from dp4tl_ray.kmeans import ActorShards, start_shard_actors
 
-    from dp4tl_ray.kmeans import ActorShards
-
-    worker = ray.remote(ClassRows).options(num_cpus=1)
-    actors = [worker.remote(paths, label_range) for paths, label_range in specs]
+    shards = ActorShards(start_shard_actors(ClassRows, specs, num_cpus=1))
     try:
-        return ActorShards(actors).call(method, *args)
+        return shards.call(method, *args)
     finally:
-        for a in actors:
-            ray.kill(a)
+        shards.stop()
 
 
 def _num_actors(wanted: int) -> int:

@@ -97,7 +97,7 @@ class KeepSetMeta:
         meta_file = Path(path) / META_FILE
         if not meta_file.is_file():
             raise UserError(f"no keep-set at {path} (no {META_FILE}); run `dp4tl select` first")
-        fix = f"delete {path} and re-run `dp4tl select`"
+        fix = _fix(Path(path))
         return record_from(cls, read_json(meta_file, fix), meta_file, fix)
 
 
@@ -128,10 +128,9 @@ class KeepSet:
     def load(cls, path: str | os.PathLike) -> KeepSet:
         """Read a keep-set, refusing one whose ids do not match the recorded sha256."""
         path = Path(path)
-        ids_file, meta_file = path / IDS_FILE, path / META_FILE
+        ids_file, meta_file, fix = path / IDS_FILE, path / META_FILE, _fix(path)
         if not ids_file.is_file() or not meta_file.is_file():
             raise UserError(f"no keep-set at {path} ({IDS_FILE} + {META_FILE}); run `dp4tl select` first")
-        fix = f"delete {path} and re-run `dp4tl select`"
         meta = KeepSetMeta.load(path)
         if atomic.sha256_file(ids_file) != meta.sha256:
             raise UserError(
@@ -148,6 +147,10 @@ class KeepSet:
     def filter(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
         """The rows of ``dataset`` (which has an ``id`` column) whose id is kept (:func:`filter_by_ids`)."""
         return filter_by_ids(dataset, self.ids)
+
+
+def _fix(path: Path) -> str:
+    return f"delete {path} and re-run `dp4tl select`"
 
 
 def filter_by_ids(dataset: ray.data.Dataset, sorted_ids: np.ndarray, keep: bool = True) -> ray.data.Dataset:

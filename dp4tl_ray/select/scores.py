@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 
 from dp4tl_ray import atomic
 from dp4tl_ray.artifact_io import read_json
+from dp4tl_ray.data.cpu_view import drop_stale_no_cpu_warning
 from dp4tl_ray.data.decode import DecodeSpec
 from dp4tl_ray.data.source import ImageSource, open_source
 from dp4tl_ray.errors import UserError
@@ -205,6 +206,7 @@ def score_dataset(ds: ray.data.Dataset, spec: ModelSpec, checkpoints: list[str],
         **pool.map_batches_kwargs(),
     )
     schema = pa.schema([("id", pa.int64()), (cfg.score, pa.float32())])
+    drop_stale_no_cpu_warning()  # to_arrow_refs checks a resource view that may still count finished tasks
     tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
     if not tables:
         raise UserError("no readable image to score: the decoded source is empty")

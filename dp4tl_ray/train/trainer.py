@@ -115,6 +115,14 @@ def training_dataset(cfg: PretrainConfig):
     return ds, source, kept_classes, int(len(kept_ids))
 
 
+def decode_once(decoded):
+    """The decode cache: ``decoded`` (from :func:`training_dataset`) materialized in the object store."""
+    from dp4tl_ray.data.cpu_view import drop_stale_no_cpu_warning
+
+    drop_stale_no_cpu_warning()  # materialize checks Ray's resource view, which may still count its own decode tasks
+    return decoded.materialize()
+
+
 def source_labels(source) -> np.ndarray:
     """Label of every source id (index = id), from the folder index or the shards' label column."""
     from dp4tl_ray.data.imagefolder import FolderIndex
@@ -186,7 +194,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str |
     cached, cache_s = use_decode_cache(cfg, images), 0.0
     if cached:  # workers read their share once and augment it themselves every epoch
         t0 = time.perf_counter()
-        ds = decoded.materialize()  # freed when this function returns (the driver owns the blocks)
+        ds = decode_once(decoded)  # freed when this function returns (the driver owns the blocks)
         cache_s = time.perf_counter() - t0
         log.info("decoded %d kept images into the object store in %.1fs", ds.count(), cache_s)
     else:  # read -> filter -> decode -> augment, a Ray Data execution per epoch
@@ -225,5 +233,5 @@ def _fit(cfg: PretrainConfig, storage: str, facts, ds, callbacks: list):
     return result, time.perf_counter() - t0
 
 
-__all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decode_cache_fits", "decoded_bytes", "pretrain",
-           "source_labels", "train_decode_spec", "training_dataset", "use_decode_cache"]
+__all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decode_cache_fits", "decode_once",
+           "decoded_bytes", "pretrain", "source_labels", "train_decode_spec", "training_dataset", "use_decode_cache"]
