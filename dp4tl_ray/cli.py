@@ -186,7 +186,12 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
     quiet_ray_data(verbose)
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.lower() in ("", "local"):
+        # A new local cluster gets token auth by default, and Ray prints a notice saying so on every start
+        # unless the mode is set: set it to that same default (a user's own RAY_AUTH_MODE wins).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address:
         ray.init()
     else:
         cpus = os.cpu_count() or 2

@@ -95,6 +95,8 @@ def test_a_killed_extraction_resumes_and_equals_a_clean_run(ray_local, synth_res
         _kill_session(proc)
         log.close()
     assert not (out / MANIFEST).exists(), "the kill came after the extraction had finished"
+    # the embedded Ray starts with token auth set explicitly: no notice about its default on the console
+    assert "Token authentication" not in (tmp_path / "killed.log").read_text(errors="replace")
     resumed = extract_features(ExtractConfig(source=source, out=str(out), **SETTINGS), progress=False)
 
     a, b = clean.read(), FeatureStore.open(out).read()
