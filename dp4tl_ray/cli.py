@@ -187,10 +187,11 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "")
-    if address.lower() in ("", "local"):
-        # A new local cluster gets token auth by default, and Ray prints a notice saying so on every start
-        # unless the mode is set: set it to that same default (a user's own RAY_AUTH_MODE wins).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address.lower() in ("", "local") and "RAY_AUTH_MODE" not in os.environ:
+        # A new local cluster gets token auth by default, and Ray prints a notice saying so on every start.
+        # That default is what we want; the notice is not news. (Setting RAY_AUTH_MODE here instead would
+        # come too late: Ray caches the mode when it is imported.)
+        logging.getLogger(AUTH_NOTICE_LOGGER).addFilter(_drop_default_auth_notice)
     if address:
         ray.init()
     else:
@@ -200,6 +201,13 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
 
 
 BARS_OFF_NOTICE = "Progress bars disabled."
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTH_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+def _drop_default_auth_notice(record: logging.LogRecord) -> bool:
+    """Logging filter: False for Ray's notice that a new local cluster uses its default, token auth."""
+    return not record.getMessage().startswith(AUTH_DEFAULT_NOTICE)
 
 
 def quiet_ray_data(verbose: bool) -> None:
