@@ -9,12 +9,11 @@ DEMO_DIR ?= out/demo
 
 venv: $(STAMP)
 
-# Re-install only when the project's requirements change; pip is idempotent either way. --no-compile: Python
-# compiles what is imported on first use (a fraction of torch's and ray's files), not every file at install (~40 s).
+# Re-install only when the project's requirements change; pip is idempotent either way.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e '.[cpu,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[cpu,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
