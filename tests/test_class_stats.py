@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from dp4tl_ray.data.synthetic_features import ClusterSpec, write_source_store, write_task_store
+from dp4tl_ray.kmeans.lloyd import CHUNK_ROWS
 from dp4tl_ray.select.baselines import moderate
 from dp4tl_ray.select.class_stats import class_means, class_ranges
-from dp4tl_ray.select.feature_mapping import SUM_CHUNK_ROWS, class_sums, feature_mapping_votes
+from dp4tl_ray.select.feature_mapping import class_sums, feature_mapping_votes
 from dp4tl_ray.select.pipeline import SelectConfig, majority_class, select_keepset
 
 
@@ -27,7 +28,7 @@ def test_class_ranges_cover_every_class_with_about_equal_rows():
 
 def test_class_sums_add_every_row_of_each_class_across_chunks():
     rng = np.random.default_rng(0)
-    x, labels = rng.standard_normal((SUM_CHUNK_ROWS * 2 + 7, 3)).astype(np.float32), rng.integers(0, 5, SUM_CHUNK_ROWS * 2 + 7)
+    x, labels = rng.standard_normal((CHUNK_ROWS * 2 + 7, 3)).astype(np.float32), rng.integers(0, 5, CHUNK_ROWS * 2 + 7)
     labels[labels == 3] = 4  # class 3 has no rows
     sums, counts = class_sums(x, labels, 6)
     assert counts.tolist() == np.bincount(labels, minlength=6).tolist() and counts[3] == 0
