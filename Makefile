@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python jobs/sweep.py --config jobs/configs/demo.yaml --storage-path $(DEMO_DIR)
 
+# Two test processes (pytest-xdist), each with its own local Ray of 2 CPUs: one process alone leaves the
+# 2 cores half idle while Ray starts workers and Train polls them. A module stays in one process
+# (--dist loadfile), so its module-scoped fixtures (a trained surrogate, a store) are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py

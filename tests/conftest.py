@@ -1,4 +1,6 @@
-"""Shared fixtures: one local Ray instance (2 CPUs) for every test that needs Ray."""
+"""Shared fixtures: one local Ray instance (2 CPUs) for every test that needs Ray.
+
+`make test` runs two pytest-xdist processes, each with its own local Ray; a module runs whole in one of them."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray with 2 CPUs, started once per test session."""
+    """A local Ray with 2 CPUs, started once per test process."""
     import ray
 
     if not ray.is_initialized():

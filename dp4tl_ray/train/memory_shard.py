@@ -1,8 +1,9 @@
 """A Train worker's share of a cached keep-set, held in its memory and augmented by the worker.
 
 When the decoded keep-set fits the object store (``cache_decoded``), each worker reads its shard
-once and draws every epoch from memory: a fresh permutation per epoch (seeded by run seed, epoch
-and rank), batches cut from it, the mode's augmentation applied by the worker's data thread
+once (in id order) and draws every epoch from memory: a fresh permutation per epoch (seeded by run
+seed, epoch and rank), batches cut from it, the mode's augmentation (drawing from a generator seeded
+the same way) applied by the worker's data thread
 (:class:`~dp4tl_ray.train.prefetch.EpochStream`). No Ray Data execution per epoch: at small scale
 its start-up was most of an epoch, and it did not shrink with the keep-set. Numpy and torch only.
 """
@@ -38,23 +39,30 @@ class MemoryShard:
         for b in batches:
             for k, v in b.items():
                 parts.setdefault(k, []).append(np.asarray(v))
-        return cls({k: _concatenate(v) for k, v in parts.items()})
+        columns = {k: _concatenate(v) for k, v in parts.items()}
+        if "id" in columns:  # Ray Data hands blocks in completion order: id order makes the epochs reproducible
+            order = np.argsort(columns["id"], kind="stable")
+            columns = {k: v[order] for k, v in columns.items()}
+        return cls(columns)
 
     def __len__(self) -> int:
         return self.rows
 
     def epoch(self, epoch: int, *, batch_size: int, drop_last: bool, seed: int, rank: int,
-              augment: Callable[[Batch], Batch], device: torch.device | None = None) -> Iterator[dict[str, Any]]:
+              augment: Callable[..., Batch], device: torch.device | None = None) -> Iterator[dict[str, Any]]:
         """This epoch's batches as torch tensors: every row once, in an order fixed by (seed, epoch, rank).
+        ``augment(batch, generator=...)`` draws from a torch generator seeded by the same triple, so an
+        epoch is the same whether it runs in one go or after a resume.
         On a CUDA ``device`` each batch is pinned and copied there (the data thread runs ahead, so the
         copy overlaps the training step), as Ray Data's ``iter_torch_batches`` does on the streamed path."""
         cuda = device is not None and device.type == "cuda"
         order = np.random.default_rng((seed, epoch, rank)).permutation(self.rows)
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, epoch, rank)).generate_state(1)[0]))
         for start in range(0, self.rows, batch_size):
             idx = np.sort(order[start:start + batch_size])  # sorted: contiguous reads; the batch's rows stay random
             if drop_last and len(idx) < batch_size:
                 return
-            out = augment({k: v[idx] for k, v in self.columns.items()})
+            out = augment({k: v[idx] for k, v in self.columns.items()}, generator=generator)
             batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
             if cuda:
                 batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
