@@ -21,9 +21,10 @@ demo: $(STAMP)
 
 # Two test processes (pytest-xdist), each with its own local Ray of 2 CPUs: one process alone leaves the
 # 2 cores half idle while Ray starts workers and Train polls them. A module stays in one process
-# (--dist loadfile), so its module-scoped fixtures (a trained surrogate, a store) are built once.
+# (--dist loadfile), so its module-scoped fixtures (a trained surrogate, a store) are built once; the
+# heaviest modules go first (tests/conftest.py), not the ones with most tests (xdist's default).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
