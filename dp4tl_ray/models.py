@@ -17,6 +17,7 @@ from torch import nn
 
 from dp4tl_ray.artifact_io import reading
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.global_rng import seeded
 
 ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -99,8 +100,7 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
 def build_model(spec: ModelSpec, seed: int | None = 0) -> Surrogate:
     """A freshly initialised model; ``seed`` makes the initial weights reproducible."""
     if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return Surrogate(spec)
     return Surrogate(spec)
 

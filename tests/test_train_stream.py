@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from dp4tl_ray.data.imagefolder import scan_image_folder
 from dp4tl_ray.errors import UserError
@@ -120,3 +122,13 @@ def test_cached_and_streamed_runs_train_on_the_same_kept_images(ray_local, synth
     assert r.cached == (cache == "true") and (r.cache_s > 0) == r.cached
     assert [h["images"] for h in r.history] == [readable, readable]  # unreadable files skipped, every epoch
     assert r.kept_classes == [0, 1, 2, 3]
+
+
+def test_a_cached_run_repeats_exactly(ray_local, synth_dirty, keep_4_classes, tmp_path):
+    # The worker augments in its data thread while its main thread builds the model: both seed torch's
+    # global RNG, and two runs of one config differed until every seeded block took one lock.
+    cfg = PretrainConfig(source=str(synth_dirty.source_dir), out=str(tmp_path), keepset=str(keep_4_classes[0]),
+                         arch="resnet18", image_size=32, resize_size=32, epochs=2, batch_size=8, lr=0.05,
+                         num_workers=0, shuffle_buffer=0, rows_per_block=8, cache_decoded="true")
+    first, second = (torch.load(pretrain(replace(cfg, name=n)).model_path, weights_only=True)["model"] for n in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

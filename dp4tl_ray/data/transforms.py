@@ -143,13 +143,15 @@ def _views(images: np.ndarray, pipeline: v2.Compose, size: int, n_views: int,
     """``n_views`` independently augmented copies of ``images`` (uint8 NHWC), each uint8[N, size, size, 3]."""
     import torch
 
+    from dp4tl_ray.global_rng import seeded
+
     if len(images) == 0:
         return [np.zeros((0, size, size, 3), np.uint8) for _ in range(n_views)]
     seed = secrets.randbits(63) if generator is None else int(torch.randint(2**63 - 1, (1,), generator=generator))
     chw = [torch.tensor(img).permute(2, 0, 1) for img in images]  # copies: Arrow-backed arrays are read-only
-    # torchvision samples from torch's global RNG; fork it so the caller's stream is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # torchvision samples from torch's global RNG: seed it for this block only, and not while another
+    # thread (the training worker's main thread building its model) does the same.
+    with seeded(seed):
         return [torch.stack([pipeline(img) for img in chw]).permute(0, 2, 3, 1).contiguous().numpy() for _ in range(n_views)]
 
 

@@ -29,6 +29,7 @@ from dp4tl_ray import atomic
 from dp4tl_ray.data.decode import DecodeSpec, decode_image
 from dp4tl_ray.data.imagefolder import FolderIndex, scan_image_folder
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.global_rng import seeded
 from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_backbone, to_model_input
 
 MODES = ("lp", "ff")
@@ -228,8 +229,7 @@ def _build_classifier(cfg: EvalConfig, num_classes: int) -> Surrogate:
     if cfg.checkpoint is None:
         return build_model(ModelSpec(cfg.arch, num_classes, cfg.small_input), seed=cfg.seed)
     model = load_backbone(cfg.checkpoint, cfg.arch, cfg.small_input, num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         model.net.fc.reset_parameters()
     return model
 

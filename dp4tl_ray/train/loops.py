@@ -39,11 +39,24 @@ def _supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Pret
     return nn.functional.cross_entropy(model(batch["image"]), batch["label"])
 
 
+# PGD's random starts draw from their own generator per (device, seed), not from torch's global RNG,
+# which the worker's data thread seeds for each batch it augments.
+_PGD_GENERATORS: dict[tuple[str, int], torch.Generator] = {}
+
+
+def _pgd_generator(device: torch.device, seed: int) -> torch.Generator:
+    key = (str(device), seed)
+    if key not in _PGD_GENERATORS:
+        _PGD_GENERATORS[key] = torch.Generator(device=device).manual_seed(seed)
+    return _PGD_GENERATORS[key]
+
+
 def _adversarial_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
     from dp4tl_ray.train.pgd import pgd_attack
 
-    x_adv = pgd_attack(unwrap_ddp(model), batch["image"], batch["label"], eps=cfg.adv_eps, steps=cfg.adv_steps,
-                       norm=cfg.adv_norm)
+    x = batch["image"]
+    x_adv = pgd_attack(unwrap_ddp(model), x, batch["label"], eps=cfg.adv_eps, steps=cfg.adv_steps,
+                       norm=cfg.adv_norm, generator=_pgd_generator(x.device, cfg.seed))
     return nn.functional.cross_entropy(model(x_adv), batch["label"])
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dp4tl_ray.errors import UserError
+from dp4tl_ray.global_rng import seeded
 from dp4tl_ray.models import ModelSpec, Surrogate
 
 # The MoCo v2 defaults of facebookresearch/moco ``main_moco.py`` (--moco-dim, --moco-k, --moco-m,
@@ -66,9 +67,10 @@ class MoCoV2(nn.Module):
     def __init__(self, spec: ModelSpec, dim: int = MOCO_DIM, K: int = MOCO_K, m: float = MOCO_M, T: float = MOCO_T,
                  seed: int = 0, bn_group: int = MOCO_BN_GROUP):
         super().__init__()
-        self.K, self.m, self.T, self.bn_group = K, m, T, bn_group
-        with torch.random.fork_rng(devices=[]):  # same initial weights and queue on every rank
-            torch.manual_seed(seed)
+        self.K, self.m, self.T, self.bn_group, self.seed = K, m, T, bn_group, seed
+        self._shuffle_gen: torch.Generator | None = None  # the key shuffles' own draws (not torch's global RNG,
+        #                                                   which the worker's data thread seeds per batch)
+        with seeded(seed):  # same initial weights and queue on every rank
             self.encoder_q = Surrogate(replace(spec, num_classes=dim))
             hidden = self.encoder_q.feature_dim
             self.encoder_q.net.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
@@ -96,18 +98,23 @@ class MoCoV2(nn.Module):
         if bool((sizes != sizes[0]).any()):
             raise UserError(f"MoCo needs the same batch size on every rank, got {sizes.tolist()}; drop the last partial batch")
         rank, world = dist.get_rank(), dist.get_world_size()
-        perm = torch.randperm(int(sizes.sum()), device=im_k.device)
+        perm = self._randperm(int(sizes.sum()), im_k.device)
         dist.broadcast(perm, src=0)
         shuffled = F.normalize(self.encoder_k(_gather(im_k)[perm.view(world, -1)[rank]]).float(), dim=1)
         k_all = _gather(shuffled)[torch.argsort(perm)]  # back to rank order
         return k_all.view(world, -1, k_all.shape[1])[rank], k_all
+
+    def _randperm(self, n: int, device: torch.device) -> torch.Tensor:
+        if self._shuffle_gen is None or self._shuffle_gen.device != device:
+            self._shuffle_gen = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.randperm(n, generator=self._shuffle_gen, device=device)
 
     @torch.no_grad()
     def _split_bn_keys(self, im_k: torch.Tensor) -> torch.Tensor:
         """Shuffle-BN on one worker: the shuffled key batch goes through the key encoder in groups,
         each normalised by its own batch statistics as on separate GPUs; keys come back in order."""
         n = len(im_k)
-        perm = torch.randperm(n, device=im_k.device)
+        perm = self._randperm(n, im_k.device)
         groups = im_k[perm].tensor_split(min(n, max(2, n // self.bn_group)))
         k = torch.cat([self.encoder_k(g) for g in groups])
         return F.normalize(k.float(), dim=1)[torch.argsort(perm)]
