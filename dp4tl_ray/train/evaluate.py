@@ -65,7 +65,7 @@ class EvalConfig:
     lr: float | None = None  # None: the recipe's (LP 0.01, FF 1e-4)
     val_fraction: float = 0.1
     seed: int = 0
-    num_workers: int = 1  # 0 = Ray Train's local mode: the loop runs in this process (quick tests, debugging)
+    num_workers: int = 1  # 0 = in this process, without Ray Train (small tasks, a sweep's trial, tests)
     use_gpu: bool = False
     out: str | None = None  # results JSON; default <checkpoint dir>/eval-<task>-<mode>.json
     storage_path: str | None = None  # Ray Train storage; None = Ray's default (~/ray_results)
@@ -237,14 +237,21 @@ def _build_classifier(cfg: EvalConfig, num_classes: int) -> Surrogate:
 class _Worker:
     """This worker's view of the run: rank, device, and the collectives that are no-ops on one worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int, world: int, device: torch.device) -> None:
+        self.rank, self.world, self.device = rank, world, device
+        self.cuda = device.type == "cuda"
+
+    @classmethod
+    def of_train_worker(cls) -> _Worker:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.cuda = self.device.type == "cuda"
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+    @classmethod
+    def this_process(cls, use_gpu: bool) -> _Worker:
+        return cls(0, 1, torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
 
     def shard(self, n: int) -> torch.Tensor:
         return torch.arange(self.rank, n, self.world)
@@ -335,12 +342,16 @@ def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tenso
 
 
 def _eval_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train loop: decode the task, build the model, run LP or FF, report every epoch; rank 0 writes the JSON."""
+    """Ray Train loop: :func:`_run_eval` on this worker, every epoch reported to Ray Train."""
     import ray.train
 
+    return _run_eval(config, _Worker.of_train_worker(), ray.train.report)
+
+
+def _run_eval(config: dict[str, Any], w: _Worker, report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Decode the task, build the model, run LP or FF, ``report`` every epoch; rank 0 writes the JSON."""
     start = time.perf_counter()
     cfg = EvalConfig(**config["cfg"])
-    w = _Worker()
     lr, epochs = cfg.recipe
     train_index, test_index = task_indexes(cfg.task_dir)
     spec = cfg.decode_spec()
@@ -359,9 +370,9 @@ def _eval_loop(config: dict[str, Any]) -> dict[str, Any]:
         fit_x = torch.from_numpy(fit[0]).to(w.device)
         train_feats = (_features(model, fit_x, w, cfg.batch_size), torch.from_numpy(fit[1]).to(w.device))
         history = train_linear_head(model.net.fc, train_feats, feats, epochs, lr, cfg.batch_size, cfg.seed,
-                                    _reporter(ray.train.report, epochs))
+                                    _reporter(report, epochs))
     else:
-        history = _finetune(model, fit, evals, cfg, w, _reporter(ray.train.report, epochs))
+        history = _finetune(model, fit, evals, cfg, w, _reporter(report, epochs))
 
     results = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("lr", "epochs", "out", "storage_path")},
@@ -377,6 +388,14 @@ def _eval_loop(config: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def _loop_config(cfg: EvalConfig) -> dict[str, Any]:
+    sha = atomic.sha256_file(cfg.checkpoint) if cfg.checkpoint else None
+    # Workers may run elsewhere (another cwd or node): hand them absolute paths.
+    paths = {"task_dir": str(Path(cfg.task_dir).resolve()),
+             "checkpoint": cfg.checkpoint and str(Path(cfg.checkpoint).resolve())}
+    return {"cfg": {**asdict(cfg), **paths}, "checkpoint_sha256": sha, "out": str(cfg.out_path().resolve())}
+
+
 def eval_trainer(cfg: EvalConfig, callbacks: list | None = None):
     """The validated ``TorchTrainer`` of ``cfg``; ``fit().return_value`` is the results dict. Every epoch's
     metrics reach ``callbacks`` (``ray.train.UserCallback``, or Tune's report callback in a sweep)."""
@@ -384,11 +403,7 @@ def eval_trainer(cfg: EvalConfig, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     cfg.validate()
-    sha = atomic.sha256_file(cfg.checkpoint) if cfg.checkpoint else None
-    # Workers may run elsewhere (another cwd or node): hand them absolute paths.
-    paths = {"task_dir": str(Path(cfg.task_dir).resolve()),
-             "checkpoint": cfg.checkpoint and str(Path(cfg.checkpoint).resolve())}
-    config = {"cfg": {**asdict(cfg), **paths}, "checkpoint_sha256": sha, "out": str(cfg.out_path().resolve())}
+    config = _loop_config(cfg)
     # A stable name (no timestamp): the same evaluation lands in the same run directory.
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     return TorchTrainer(
@@ -399,7 +414,12 @@ def eval_trainer(cfg: EvalConfig, callbacks: list | None = None):
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run ``cfg`` on Ray Train and return its results (rank 0 also wrote them to ``cfg.out_path()``)."""
+    """Run ``cfg`` and return its results (also written to ``cfg.out_path()``): on Ray Train workers, or
+    with ``num_workers=0`` in this process - no Train run, so it also works inside a Tune trial (a
+    sweep), where Ray Train's own local mode refuses ``ray.train.get_context``."""
+    if cfg.num_workers == 0:
+        cfg.validate()
+        return _run_eval(_loop_config(cfg), _Worker.this_process(cfg.use_gpu), report=lambda metrics: None)
     return eval_trainer(cfg).fit().return_value
 
 
