@@ -136,6 +136,24 @@ def test_linear_probe_run_writes_results_next_to_the_checkpoint(ray_local, task,
     assert "test set" in results["test_acc_max_over_epochs_note"] and results["seconds"] > 0
 
 
+def test_in_process_linear_probe_matches_the_ray_train_run_record(task, tmp_path):
+    """num_workers=0: the same loop in this process, no Ray at all (a sweep's trial evaluates this way)."""
+    from dp4tl_ray.models import ModelSpec, build_model, save_checkpoint
+
+    ckpt = save_checkpoint(build_model(ModelSpec("resnet18", 7), seed=1), tmp_path / "ckpt" / "model.pt")
+    results = evaluate(EvalConfig(task, str(ckpt), image_size=32, resize_size=32, mode="lp", epochs=4, num_workers=0))
+    assert json.loads((tmp_path / "ckpt" / "eval-task_0-lp.json").read_text()) == results
+    assert (results["world_size"], results["device"], results["num_test"]) == (1, "cpu", 20)
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3, 4]
+    assert {k: results[k] for k in ("best_epoch", "val_acc", "test_acc", "test_acc_max_over_epochs")} == select_epoch(results["history"])
+    again = evaluate(EvalConfig(task, str(ckpt), image_size=32, resize_size=32, mode="lp", epochs=4, num_workers=0,
+                                out=str(tmp_path / "again.json")))
+    assert again["history"] == results["history"]  # seeded split, head and batch order: the same run
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="sees no CUDA device"):
+            evaluate(EvalConfig(task, str(ckpt), image_size=32, resize_size=32, num_workers=0, use_gpu=True))
+
+
 @pytest.mark.ray
 def test_finetune_run_of_a_random_init_baseline_reports_every_epoch(ray_local, task, tmp_path):
     import ray.train

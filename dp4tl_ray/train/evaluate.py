@@ -251,7 +251,10 @@ class _Worker:
 
     @classmethod
     def this_process(cls, use_gpu: bool) -> _Worker:
-        return cls(0, 1, torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
+        if use_gpu and not torch.cuda.is_available():
+            raise UserError("use_gpu with num_workers 0 evaluates in this process, which sees no CUDA device; "
+                            "run it on a GPU node or use num_workers >= 1 (Ray Train places the worker on a GPU)")
+        return cls(0, 1, torch.device("cuda" if use_gpu else "cpu"))
 
     def shard(self, n: int) -> torch.Tensor:
         return torch.arange(self.rank, n, self.world)
