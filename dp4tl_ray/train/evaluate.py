@@ -97,7 +97,7 @@ class EvalConfig:
             if value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
         if self.num_workers < 0:
-            raise UserError(f"num_workers must be >= 0 (0 = Ray Train's local mode, in this process), got {self.num_workers}")
+            raise UserError(f"num_workers must be >= 0 (0 = in this process, without Ray Train), got {self.num_workers}")
         if not lr > 0:
             raise UserError(f"lr must be > 0, got {lr}")
         if not 0 < self.val_fraction < 1:
