@@ -23,6 +23,7 @@ from dp4tl_ray import atomic
 from dp4tl_ray.atomic import is_uri
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.intervals import t_interval, wilson_interval
+from dp4tl_ray.markdown import markdown_table
 from dp4tl_ray.results import (  # REFERENCES: rows without a ratio
     DENSE,
     RANDOM_INIT,
@@ -160,12 +161,6 @@ def _row_cell(r: dict[str, Any]) -> str:
 
 def _pct(ratio: float) -> str:
     return f"{100 * ratio:g}%"
-
-
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
 
 
 def accuracy_table(rows: list[dict[str, Any]], group: tuple, metric: str) -> str | None:
@@ -540,6 +535,6 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 
 __all__ = [
     "READING", "accuracy_rows", "comparisons", "interval95", "time_rows", "accuracy_table", "time_table", "cost_table",
-    "cost_lines", "accuracy_figure", "markdown_table", "plot_accuracy", "plot_time", "report_markdown", "with_images_removed",
+    "cost_lines", "accuracy_figure", "plot_accuracy", "plot_time", "report_markdown", "with_images_removed",
     "write_report",
 ]

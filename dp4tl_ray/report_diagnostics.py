@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from dp4tl_ray.artifact_io import require_keys
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.report import markdown_table
+from dp4tl_ray.markdown import markdown_table
 from dp4tl_ray.results import REFERENCES
 from dp4tl_ray.select.diagnostics import thresholds_text
 from dp4tl_ray.select.keepset import META_FILE, KeepSetMeta
