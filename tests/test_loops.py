@@ -26,3 +26,20 @@ def test_train_one_epoch_counts_images_and_skips_short_batches_only_with_drop_la
                                          torch.device("cpu"), drop_last)
         assert seen == expected and 0 < loss_sum < float("inf")
         assert not torch.equal(model.net.fc.weight, before)
+
+
+def test_adversarial_random_starts_come_from_the_runs_generator(one_torch_thread):
+    # PGD's random starts draw from the generator the run hands in, not from torch's global RNG (which a
+    # worker's data thread seeds per batch): the same seed gives the same epoch, whatever ran before.
+    cfg = PretrainConfig(source="s", out="o", arch="resnet18", small_input=True, batch_size=4, mode="adversarial",
+                         adv_steps=1)
+    remap = torch.tensor([-1, -1, -1, 0, -1, 1])
+
+    def epoch(seed: int, global_seed: int) -> float:
+        model = build_model(ModelSpec("resnet18", 2, small_input=True), seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(global_seed)  # the global RNG's state must not matter
+        return train_one_epoch(model, METHODS["adversarial"], opt, _batches([4, 4]), remap, cfg, torch.device("cpu"),
+                               True, torch.Generator().manual_seed(seed))[1]
+
+    assert epoch(0, global_seed=100) == epoch(0, global_seed=200) != epoch(1, global_seed=100)

@@ -30,33 +30,22 @@ class Method:
     name: str
     views: tuple[str, ...]  # batch columns the loss reads
     build: Callable[[ModelSpec, PretrainConfig], nn.Module]
-    loss: Callable[[nn.Module, dict[str, torch.Tensor], PretrainConfig], torch.Tensor]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor], PretrainConfig, torch.Generator | None], torch.Tensor]
     backbone: Callable[[nn.Module], Surrogate]
     ddp_kwargs: Callable[[], dict[str, Any] | None] = lambda: None
 
 
-def _supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
+def _supervised_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
+                     rng: torch.Generator | None) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch["image"]), batch["label"])
 
 
-# PGD's random starts draw from their own generator per (device, seed), not from torch's global RNG,
-# which the worker's data thread seeds for each batch it augments.
-_PGD_GENERATORS: dict[tuple[str, int], torch.Generator] = {}
-
-
-def _pgd_generator(device: torch.device, seed: int) -> torch.Generator:
-    key = (str(device), seed)
-    if key not in _PGD_GENERATORS:
-        _PGD_GENERATORS[key] = torch.Generator(device=device).manual_seed(seed)
-    return _PGD_GENERATORS[key]
-
-
-def _adversarial_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
+def _adversarial_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
+                      rng: torch.Generator | None) -> torch.Tensor:
     from dp4tl_ray.train.pgd import pgd_attack
 
-    x = batch["image"]
-    x_adv = pgd_attack(unwrap_ddp(model), x, batch["label"], eps=cfg.adv_eps, steps=cfg.adv_steps,
-                       norm=cfg.adv_norm, generator=_pgd_generator(x.device, cfg.seed))
+    x_adv = pgd_attack(unwrap_ddp(model), batch["image"], batch["label"], eps=cfg.adv_eps, steps=cfg.adv_steps,
+                       norm=cfg.adv_norm, generator=rng)
     return nn.functional.cross_entropy(model(x_adv), batch["label"])
 
 
@@ -66,7 +55,8 @@ def _build_moco(spec: ModelSpec, cfg: PretrainConfig) -> nn.Module:
     return MoCoV2(spec, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, seed=cfg.seed)
 
 
-def _moco_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
+def _moco_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: PretrainConfig,
+               rng: torch.Generator | None) -> torch.Tensor:
     logits, labels = model(batch["q"], batch["k"])
     return nn.functional.cross_entropy(logits, labels)
 
@@ -120,9 +110,12 @@ def _build_training(method: Method, cfg: PretrainConfig, spec: ModelSpec, cuda: 
 
 
 def train_one_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, batches: Iterable[dict[str, torch.Tensor]],
-                    remap: torch.Tensor, cfg: PretrainConfig, device: torch.device, drop_last: bool) -> tuple[int, float]:
+                    remap: torch.Tensor, cfg: PretrainConfig, device: torch.device, drop_last: bool,
+                    rng: torch.Generator | None = None) -> tuple[int, float]:
     """One pass of SGD steps over ``batches`` (already on ``device``; bf16 autocast on CUDA); returns this
-    worker's ``(images seen, summed loss)``. Source labels become kept-class indices through ``remap``."""
+    worker's ``(images seen, summed loss)``. Source labels become kept-class indices through ``remap``.
+    ``rng`` (on ``device``) feeds the loss's own draws (PGD's random starts): not torch's global RNG,
+    which the worker's data thread seeds for each batch it augments."""
     model.train()
     seen, loss_sum = 0, 0.0
     for batch in batches:
@@ -132,7 +125,7 @@ def train_one_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer
         if "label" in method.views:
             inputs["label"] = remap[batch["label"].long()]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = method.loss(model, inputs, cfg)
+            loss = method.loss(model, inputs, cfg, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -193,6 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     if not cuda:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
+    rng = torch.Generator(device=device).manual_seed(cfg.seed + rank)  # this run's draws in the losses
 
     state = restored_state(ray.train.get_checkpoint())
     if state is not None:
@@ -229,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             started_at, t0, cpu0 = time.time(), time.perf_counter(), time.process_time()
             waits = Waits()
             seen, loss_sum = train_one_epoch(model, method, opt, stream.batches(epoch, waits), remap, cfg, device,
-                                            drop_last)
+                                            drop_last, rng)
             sched.step()
             seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
             images, loss_total = _sum_over_workers([seen, loss_sum], world)
