@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dp4tl_ray.cli import init_ray  # noqa: E402
 from dp4tl_ray.config import load_yaml  # noqa: E402
 from dp4tl_ray.featurestore import FeatureStore  # noqa: E402
+from dp4tl_ray.ray_console import filter_native_notices  # noqa: E402
 from dp4tl_ray.report import mean_std, ok_trials  # noqa: E402
 from dp4tl_ray.results import load_results  # noqa: E402
 from dp4tl_ray.select.keepset import KeepSet  # noqa: E402
@@ -139,6 +140,7 @@ def main() -> int:
         name = (load_yaml(config).get("sweep") or {}).get("name", "sweep") + "-" + "-".join(
             f"{k}{'_'.join(str(x) for x in v)}" for k, v in overrides.items() if v is not None)
     plan = load_plan(config, {"storage_path": args.storage_path, "name": name, **overrides})
+    filter_native_notices()
     init_ray(worker_logs=False)
     t0 = time.perf_counter()
     summary = run_sweep(plan)

@@ -17,6 +17,7 @@ from typing import Any
 
 from dp4tl_ray.config import from_dict, load_yaml
 from dp4tl_ray.errors import UserError, user_message
+from dp4tl_ray.ray_console import filter_native_notices
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -181,17 +182,20 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
 
     import ray
 
+    from dp4tl_ray.ray_console import drop_default_auth_notice, drop_worker_pool_notice, quiet_ray_data
     from dp4tl_ray.sweep import TRIAL_RESOURCE
 
     quiet_ray_data(verbose)
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "")
-    if address.lower() in ("", "local") and "RAY_AUTH_MODE" not in os.environ:
-        # A new local cluster gets token auth by default, and Ray prints a notice saying so on every start.
-        # That default is what we want; the notice is not news. (Setting RAY_AUTH_MODE here instead would
-        # come too late: Ray caches the mode when it is imported.)
-        logging.getLogger(AUTH_NOTICE_LOGGER).addFilter(_drop_default_auth_notice)
+    if address.lower() in ("", "local") and not verbose:
+        # Notices an embedded local Ray prints on every healthy run of ours (ray_console says why each is harmless).
+        # (Setting RAY_AUTH_MODE here instead of dropping its notice would come too late: Ray caches the mode
+        # when it is imported.)
+        if "RAY_AUTH_MODE" not in os.environ:
+            drop_default_auth_notice()
+        drop_worker_pool_notice()
     if address:
         ray.init()
     else:
@@ -202,32 +206,6 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
         cpus = os.cpu_count() or 2
         ray.init(address="local", num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False,
                  log_to_driver=worker_logs)
-
-
-BARS_OFF_NOTICE = "Progress bars disabled."
-AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
-AUTH_DEFAULT_NOTICE = "Token authentication is enabled for this Ray cluster."
-
-
-def _drop_default_auth_notice(record: logging.LogRecord) -> bool:
-    """Logging filter: False for Ray's notice that a new local cluster uses its default, token auth."""
-    return not record.getMessage().startswith(AUTH_DEFAULT_NOTICE)
-
-
-def quiet_ray_data(verbose: bool) -> None:
-    """Unless ``verbose``, Ray Data's per-dataset execution logs and progress bars go to its log file only
-    (every stage prints its own progress lines); its warnings still reach the console."""
-    if verbose:
-        return
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's console handler; its file handlers keep all
-        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-        if console and handler.level < logging.WARNING:  # not yet quietened (a second command in this process)
-            handler.setLevel(logging.WARNING)
-            # Ray Data warns that the bars are off, which is what we asked for: not news on the console.
-            handler.addFilter(lambda record: not record.getMessage().startswith(BARS_OFF_NOTICE))
 
 
 def run_sweep_command(args: argparse.Namespace) -> None:
@@ -311,9 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Parse and run; returns the exit code (0 ok, 2 bad input)."""
+def run(argv: list[str] | None = None, console: bool = False) -> int:
+    """Parse and run; returns the exit code (0 ok, 2 bad input). ``console``: this process is the command
+    (``main``), so Ray's known-harmless native notices are kept off its stderr unless ``-v``."""
     args = build_parser().parse_args(argv)
+    if console and not getattr(args, "verbose", False):
+        filter_native_notices()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import chatter is not news
     try:
@@ -325,7 +306,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    sys.exit(run(console=True))
 
 
 __all__ = ["main", "run", "build_parser", "format_extract_summary", "init_ray"]

@@ -20,12 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dp4tl_ray.cli import add_sweep_flags, run_sweep_command  # noqa: E402
 from dp4tl_ray.errors import UserError, user_message  # noqa: E402
+from dp4tl_ray.ray_console import filter_native_notices  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sweep_flags(ap)
     args = ap.parse_args()
+    if not getattr(args, "verbose", False):
+        filter_native_notices()  # this process owns the console: Ray's known-harmless native notices stay off it
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
