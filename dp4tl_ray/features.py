@@ -159,7 +159,8 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    pool = InferencePool.plan(cfg.num_actors, max_inputs=-(-n_rows // cfg.rows_per_block))
+    # sized for the rows left: a resumed run near its end needs no more actors than it has blocks
+    pool = InferencePool.plan(cfg.num_actors, max_inputs=max(1, -(-(n_rows - done.size) // cfg.rows_per_block)))
 
     ledger = new_skip_ledger()
     rows = source.rows(cfg.rows_per_block)
