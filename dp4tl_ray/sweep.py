@@ -620,6 +620,12 @@ def trial_pretrain_config(plan: SweepPlan, spec: TrialSpec, source: str, work: P
                       out=str(work / "runs"), name=name, **path)
 
 
+def _for_tune(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as Tune gets it: lists as tuples. Tune's TensorBoard logger tries to plot a list (``reused_stages``)
+    as a histogram and warns on the console; a tuple it passes over. :func:`collect_results` turns them back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
 def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     """select (load the prepared keep-set) -> pretrain (TorchTrainer named from the trial id) -> evaluate -> report."""
     import ray.tune
@@ -639,14 +645,14 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
     with open(work / "trial_starts.log", "a") as f:  # one line per (re)start: how often each trial ran
         f.write(json.dumps({"trial_id": trial_id, "key": spec.key, "time": time.time(), "reused": reused}) + "\n")
     if reused:
-        ray.tune.report(record)
+        ray.tune.report(_for_tune(record))
         return
     if spec.method == RANDOM_INIT:  # nothing to pretrain: evaluate the seeded untrained backbone
         record = _record(spec, trial_id)
         record.update(pretrain_s=0.0, pretrain_total_s=0.0,
                       checkpoint=None, **_evaluations(plan, shared, spec, trial_id, None))
         atomic.write_json(done, record)
-        ray.tune.report(record)
+        ray.tune.report(_for_tune(record))
         return
     if spec.keepset:
         KeepSet.load(spec.keepset)  # the sha256 check, before any worker starts
@@ -664,7 +670,7 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, shared: Shared) -> None:
                   epoch=result.metrics.get("epoch"), loss=result.metrics.get("loss"), checkpoint=result.model_path)
     record.update(_evaluations(plan, shared, spec, trial_id, result.model_path))
     atomic.write_json(done, record)
-    ray.tune.report(record)
+    ray.tune.report(_for_tune(record))
 
 
 # ----- the sweep -----
@@ -744,7 +750,7 @@ def collect_results(grid, shared: Shared) -> list[dict[str, Any]]:
             status, error = "ok", None
         rec = {k: None for k in RECORD_KEYS}
         rec.update(base)
-        rec.update({k: m[k] for k in RECORD_KEYS if k in m})
+        rec.update({k: list(m[k]) if isinstance(m[k], tuple) else m[k] for k in RECORD_KEYS if k in m})
         rec.update(trial_id=m.get("trial_id", r.metrics.get("trial_id") if r.metrics else None), status=status,
                    error=error, key=spec and spec.key)
         records.append(rec)

@@ -4,6 +4,7 @@ to a real local head (`ray start --head`, token auth on), stopped midway and res
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -188,6 +189,46 @@ def test_a_keepset_costs_every_stage_that_produced_it_reused_ones_marked():
     assert keepset_seconds(record) == pytest.approx(300 + 40 + 2 + 900 + 1.5)
     free = keepset_costs({"select_s": 0.1, "kmeans_s": 0.0, "scores_s": 0.0, "reused": False}, None)
     assert free["surrogate_s"] is None and free["reused_stages"] == []  # random-class never reads the surrogate
+
+
+def test_a_record_reaches_tune_without_a_tensorboard_warning_and_comes_back_whole(tmp_path):
+    """Tune's TensorBoard logger tried to plot ``reused_stages`` (a list) as a histogram and warned on the console."""
+    from types import SimpleNamespace
+
+    from ray.tune.logger import TBXLoggerCallback
+    from ray.util.debug import reset_log_once
+
+    from dp4tl_ray.sweep import _for_tune, collect_results
+
+    record = {"method": "el2n", "lp_acc": 0.5, "reused_stages": ["scores", "extract_source"], "trial_id": "t0"}
+    logs = TBXLoggerCallback()
+
+    class Trial:  # hashable, as Tune's trials are
+        local_path, evaluated_params = str(tmp_path), {}
+
+        def init_local_path(self):
+            pass
+
+    trial = Trial()
+    logs.log_trial_start(trial)
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: warned.append(r.getMessage())
+    tbx_log = logging.getLogger("ray.tune.logger.tensorboardx")  # Ray's loggers do not reach the root's caplog
+    tbx_log.addHandler(handler)
+    try:
+        reset_log_once("invalid_tbx_value")
+        logs.log_trial_result(1, trial, {**record, "training_iteration": 1})  # Tune adds the iteration
+        assert any("invalid value" in w for w in warned)  # the list, as before
+        warned.clear()
+        reset_log_once("invalid_tbx_value")
+        logs.log_trial_result(2, trial, {**_for_tune(record), "training_iteration": 2})
+        assert warned == []
+    finally:
+        tbx_log.removeHandler(handler)
+    grid = [SimpleNamespace(config={"trial": {"key": "k"}}, metrics=_for_tune(record), error=None)]
+    (back,) = collect_results(grid, SimpleNamespace(trials=[]))
+    assert back["reused_stages"] == ["scores", "extract_source"] and back["lp_acc"] == 0.5
 
 
 def test_plan_sections_read_as_their_stage_configs_with_the_dataclass_defaults():
