@@ -26,6 +26,9 @@ ARCHS = (
 # Pretraining modes that learn no classifier: their checkpoints hold a backbone (and a projection
 # head), so they give features but no class predictions.
 SELF_SUPERVISED_MODES = ("moco_v2",)
+# BatchNorm in training mode needs two values per channel: a last batch of one image (a keep-set of k x 32 + 1 rows)
+# raised "Expected more than 1 value per channel when training" and failed the run. Training loops skip such a batch.
+MIN_TRAIN_BATCH = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -30,7 +30,7 @@ from dp4tl_ray.data.decode import DecodeSpec, decode_image
 from dp4tl_ray.data.imagefolder import FolderIndex, scan_image_folder
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.global_rng import seeded
-from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_backbone, to_model_input
+from dp4tl_ray.models import MIN_TRAIN_BATCH, ModelSpec, Surrogate, build_model, load_backbone, to_model_input
 
 MODES = ("lp", "ff")
 # The paper's downstream recipes: Adam, cosine schedule, batch 128; LP has no augmentation,
@@ -326,6 +326,8 @@ def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tenso
         lr_now, loss_sum, seen = opt.param_groups[0]["lr"], 0.0, 0
         mine = torch.randperm(len(labels), generator=order_gen)[:usable][w.rank::w.world]
         for idx in mine.split(cfg.batch_size):
+            if len(idx) < MIN_TRAIN_BATCH:  # BatchNorm in training mode; every worker skips it alike (equal shards)
+                continue
             idx = idx.numpy()
             batch = finetune_augment({"image": images[idx]}, cfg.image_size, generator=aug_gen)["image"]
             x = to_model_input(torch.from_numpy(batch), w.device, non_blocking=True, channels_last=w.cuda)

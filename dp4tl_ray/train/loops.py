@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from dp4tl_ray.models import ModelSpec, Surrogate, build_model, to_model_input, unwrap_ddp
+from dp4tl_ray.models import MIN_TRAIN_BATCH, ModelSpec, Surrogate, build_model, to_model_input, unwrap_ddp
 from dp4tl_ray.train.checkpoints import (TrainState, check_resume, restored_state, resume_settings, staged_checkpoint,
                                          write_checkpoint)
 from dp4tl_ray.train.pretrain_config import PretrainConfig
@@ -119,7 +119,8 @@ def train_one_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer
     model.train()
     seen, loss_sum = 0, 0.0
     for batch in batches:
-        if drop_last and len(batch[method.views[0]]) < cfg.batch_size:
+        n = len(batch[method.views[0]])
+        if n < MIN_TRAIN_BATCH or (drop_last and n < cfg.batch_size):
             continue  # MoCo's queue slots and DDP's lock-step need full batches on every rank
         inputs = {k: to_model_input(batch[k], channels_last=True) for k in method.views if k != "label"}
         if "label" in method.views:
