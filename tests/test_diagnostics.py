@@ -71,3 +71,21 @@ def test_soft_votes_entropy_and_agreement():
 def test_bad_votes_are_refused_in_one_line(units, labels):
     with pytest.raises(UserError):
         mapping_diagnostics(units, labels, 4)
+
+
+def test_a_mappings_warning_reaches_the_console_once_per_process(tmp_path, caplog):
+    """A sweep selects a keep-set per ratio and seed from the same votes: the same warning 24 times was noise.
+    Each call still returns its diagnostics (for its keep-set's manifest)."""
+    import logging
+
+    from dp4tl_ray.data.synthetic_features import ClusterSpec, write_task_store
+    from dp4tl_ray.select import pipeline
+
+    spec = ClusterSpec(classes=20, dim=8)
+    task = write_task_store(tmp_path / "task", spec, task=0, rows=200, related=1, task_classes=5, top1_correct=1.0)
+    names = [f"n{c:08d}" for c in range(spec.classes)]
+    with caplog.at_level(logging.WARNING, logger=pipeline.log.name):
+        first = pipeline._diagnostics({"t": task}, None, 1, names)
+        second = pipeline._diagnostics({"t": task}, None, 1, names)
+    assert first == second and first["t"]["warnings"]  # every task class sends its votes to one unit
+    assert len(caplog.records) == len(first["t"]["warnings"])

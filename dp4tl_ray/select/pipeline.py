@@ -187,14 +187,21 @@ def _image_units(store: FeatureStore, centres: np.ndarray | None, k: int) -> tup
     return feature_mapping_image_units(store, centres, k)
 
 
+_WARNED: set[tuple[str, str]] = set()  # (task, warning) already on this process's console
+
+
 def _diagnostics(tasks: dict[str, FeatureStore], centres: np.ndarray | None, k: int, names: list[str]) -> dict[str, Any]:
-    """Per task, :func:`mapping_diagnostics` of its images' votes (warnings also logged)."""
+    """Per task, :func:`mapping_diagnostics` of its images' votes. Each warning is also logged, once per process:
+    a sweep selects many keep-sets (ratios, seeds) from the same votes, and the same words 24 times are noise;
+    every keep-set's manifest records its own."""
     out = {}
     for name, store in tasks.items():
         labels, units = _image_units(store, centres, k)
         diag = mapping_diagnostics(units, labels, len(names), units.shape[1], names)
         for w in diag.warnings:
-            log.warning("task %s: %s", name, w)
+            if (name, w) not in _WARNED:
+                _WARNED.add((name, w))
+                log.warning("task %s: %s", name, w)
         out[name] = diag.to_dict()
     return out
 
