@@ -131,6 +131,9 @@ def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[Mo
     return base, {"name": cfg.arch, **asdict(base), **ident}
 
 
+COMMIT_TASKS = 2  # part writes at once (no CPU reserved: see extract_features)
+
+
 def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore:
     """Run the surrogate over ``cfg.source`` and write (or reuse) the FeatureStore at ``cfg.out``, printing
     rows done / total as parts commit. ``progress`` also shows Ray Data's own progress bars (``--verbose``)."""
@@ -175,8 +178,12 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
         **pool.map_batches_kwargs(),
         batch_format="numpy",
     )
+    # Commits reserve no CPU (two at a time): with a CPU each, Ray Data's budget gave them none while decode tasks
+    # held the CPUs the actors left, so on a small node no part was committed until decoding had finished - a kill
+    # before then lost every row. Writing a part is brief; now each follows its rows out of the model.
     commits = ds.map_batches(commit_part, fn_kwargs={"staging": str(staging.path)},
-                             batch_size=part_rows(n_rows, cfg.batch_size), batch_format="pyarrow")
+                             batch_size=part_rows(n_rows, cfg.batch_size), batch_format="pyarrow",
+                             num_cpus=0, concurrency=COMMIT_TASKS)
     if done.size < n_rows:  # else a kill came after every part was committed: only the assembly is left
         run, new_rows, t0 = staging.new_run(), 0, time.perf_counter()
         shown = Progress(f"extract {out.name}", total=n_rows, unit="rows", rate_unit="images/s", start=done.size,
