@@ -183,7 +183,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
     # before then lost every row. Writing a part is brief; now each follows its rows out of the model.
     commits = ds.map_batches(commit_part, fn_kwargs={"staging": str(staging.path)},
                              batch_size=part_rows(n_rows, cfg.batch_size), batch_format="pyarrow",
-                             num_cpus=0, concurrency=COMMIT_TASKS)
+                             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=COMMIT_TASKS))
     if done.size < n_rows:  # else a kill came after every part was committed: only the assembly is left
         run, new_rows, t0 = staging.new_run(), 0, time.perf_counter()
         shown = Progress(f"extract {out.name}", total=n_rows, unit="rows", rate_unit="images/s", start=done.size,

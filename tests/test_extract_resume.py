@@ -100,6 +100,7 @@ def test_a_killed_extraction_resumes_and_equals_a_clean_run(ray_local, synth_res
     assert "Token authentication" not in console
     # nor core_worker's warning about Ray Data's actor pool (harmless: ray_console says why), once its actors ran
     assert "constructor arguments in the object store" not in console
+    assert "deprecated" not in console  # e.g. Ray Data 2.60 on map_batches(concurrency=...)
     resumed = extract_features(ExtractConfig(source=source, out=str(out), **SETTINGS), progress=False)
 
     a, b = clean.read(), FeatureStore.open(out).read()
