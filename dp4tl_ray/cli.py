@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.set_defaults(func=_cmd_shard)
 
     from dp4tl_ray.select.pipeline import SelectConfig
-    from dp4tl_ray.train.evaluate import EvalConfig
-    from dp4tl_ray.train.trainer import PretrainConfig
+    from dp4tl_ray.train.eval_config import EvalConfig  # the configs are torch-free: `dp4tl --help` imports no torch
+    from dp4tl_ray.train.pretrain_config import PretrainConfig
 
     stages = [
         ("extract", "run the surrogate over a dataset with Ray Data -> FeatureStore", ExtractConfig, _cmd_extract),

@@ -112,8 +112,9 @@ class ExtractConfig:
 
 
 def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
-    from dp4tl_ray.models import (IMAGENET_MEAN, IMAGENET_STD, SELF_SUPERVISED_MODES, ModelSpec, load_backbone,
+    from dp4tl_ray.models import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_backbone,
                                   load_checkpoint, load_model, spec_from_checkpoint)
+    from dp4tl_ray.train.pretrain_config import SELF_SUPERVISED_MODES
 
     base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
     if cfg.checkpoint:

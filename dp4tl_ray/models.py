@@ -23,9 +23,6 @@ ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
 )
-# Pretraining modes that learn no classifier: their checkpoints hold a backbone (and a projection
-# head), so they give features but no class predictions.
-SELF_SUPERVISED_MODES = ("moco_v2",)
 # BatchNorm in training mode needs two values per channel: a last batch of one image (a keep-set of k x 32 + 1 rows)
 # raised "Expected more than 1 value per channel when training" and failed the run. Training loops skip such a batch.
 MIN_TRAIN_BATCH = 2
@@ -196,5 +193,5 @@ def spec_from_checkpoint(path: str | Path, default: ModelSpec) -> ModelSpec:
     return ModelSpec(**{**asdict(default), **fields})
 
 
-__all__ = ["ARCHS", "SELF_SUPERVISED_MODES", "ModelSpec", "Surrogate", "build_model", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint",
+__all__ = ["ARCHS", "ModelSpec", "Surrogate", "build_model", "load_backbone", "load_model", "load_checkpoint", "save_checkpoint", "spec_from_checkpoint",
            "to_model_input", "unwrap_ddp"]

@@ -51,12 +51,12 @@ PLACEHOLDERS = {"synth": {"root": "-"}, "surrogate": {"source": "-", "out": "-"}
 
 
 def _stage_configs() -> dict[str, type]:
-    """The config dataclass of each stage section (imported here: the train modules pull in torch)."""
+    """The config dataclass of each stage section (each module torch-free)."""
     from dp4tl_ray.data.synthetic import SynthConfig
     from dp4tl_ray.features import ExtractConfig
     from dp4tl_ray.select.pipeline import SelectConfig
-    from dp4tl_ray.train.evaluate import EvalConfig
-    from dp4tl_ray.train.trainer import PretrainConfig
+    from dp4tl_ray.train.eval_config import EvalConfig
+    from dp4tl_ray.train.pretrain_config import PretrainConfig
 
     return {"synth": SynthConfig, "surrogate": PretrainConfig, "extract": ExtractConfig, "select": SelectConfig,
             "pretrain": PretrainConfig, "evaluate": EvalConfig}
@@ -99,9 +99,8 @@ class SweepConfig:
     asha: AshaConfig = field(default_factory=AshaConfig)
 
     def validate(self) -> None:
-        from dp4tl_ray.models import SELF_SUPERVISED_MODES
-        from dp4tl_ray.train.evaluate import MODES as EVAL_MODES
-        from dp4tl_ray.train.trainer import MODES
+        from dp4tl_ray.train.eval_config import MODES as EVAL_MODES
+        from dp4tl_ray.train.pretrain_config import MODES, SELF_SUPERVISED_MODES
 
         for name in ("methods", "ratios", "surrogates", "modes", "seeds", "eval_modes"):
             if not getattr(self, name):
@@ -236,7 +235,7 @@ def _absolute_paths(plan: SweepPlan) -> SweepPlan:
 
 def check_plan(plan: SweepPlan) -> SweepPlan:
     """Validate every section now, with placeholder paths, so a typo fails before any work starts."""
-    from dp4tl_ray.train.trainer import MODES
+    from dp4tl_ray.train.pretrain_config import MODES
 
     plan.sweep.validate()
     if (plan.synth is None) == (plan.data is None):

@@ -101,3 +101,20 @@ def test_sweep_verbose_flag_before_or_after_the_command():
     assert parse(["sweep", "--config", "s.yaml"]).verbose is False
     assert parse(["-v", "sweep", "--config", "s.yaml"]).verbose is True
     assert parse(["sweep", "--config", "s.yaml", "--verbose"]).verbose is True
+
+
+def test_the_command_and_a_sweep_plan_build_without_torch(tmp_path):
+    """`dp4tl --help` took 3 s importing torch and torchvision for the stage configs' flags; the configs are torch-free,
+    so the flags, a sweep's plan and its checks cost no torch (a driver that only plans and starts Ray stays light)."""
+    import os
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = ("import sys\n"
+            "from dp4tl_ray.cli import build_parser\n"
+            "build_parser()\n"
+            "from dp4tl_ray.sweep import load_plan\n"
+            f"load_plan({str(Path(root) / 'tests' / 'configs' / 'sweep_tiny.yaml')!r})\n"
+            "sys.exit(sorted(m for m in ('torch', 'torchvision') if m in sys.modules) or None)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

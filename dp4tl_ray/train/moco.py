@@ -26,15 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.global_rng import seeded
 from dp4tl_ray.models import ModelSpec, Surrogate
+from dp4tl_ray.train.pretrain_config import MOCO_DIM, MOCO_K, MOCO_M, MOCO_T
 
-# The MoCo v2 defaults of facebookresearch/moco ``main_moco.py`` (--moco-dim, --moco-k, --moco-m,
-# --moco-t): the one place they are written (PretrainConfig's defaults are these). The rest of v2
-# is --mlp (the MLP head below, always on), --aug-plus (dp4tl_ray.data.transforms.MOCO_V2_*) and
-# --cos (the cosine LR schedule every pretraining mode uses).
-MOCO_DIM = 128  # output feature dimension
-MOCO_K = 65536  # queue size (number of negative keys)
-MOCO_M = 0.999  # key-encoder momentum
-MOCO_T = 0.2  # softmax temperature (MoCo v2; v1 used 0.07)
+# The MoCo v2 defaults (MOCO_DIM, MOCO_K, MOCO_M, MOCO_T) are written once, beside PretrainConfig's fields that
+# default to them (torch-free, so the CLI builds its flags without importing torch). The rest of v2 is --mlp
+# (the MLP head below, always on), --aug-plus (dp4tl_ray.data.transforms.MOCO_V2_*) and --cos (the cosine LR
+# schedule every pretraining mode uses).
 # Images per GPU in MoCo's 8-GPU recipe (batch 256): the BN batch of one emulated GPU on one worker.
 MOCO_BN_GROUP = 32
 

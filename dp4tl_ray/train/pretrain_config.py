@@ -10,9 +10,18 @@ from dataclasses import dataclass
 
 from dp4tl_ray.data.transforms import RECIPES
 from dp4tl_ray.errors import UserError
-from dp4tl_ray.train.moco import MOCO_DIM, MOCO_K, MOCO_M, MOCO_T
+
+# The MoCo v2 defaults of facebookresearch/moco ``main_moco.py`` (--moco-dim, --moco-k, --moco-m, --moco-t):
+# the one place they are written (dp4tl_ray.train.moco uses them; this module stays torch-free).
+MOCO_DIM = 128  # output feature dimension
+MOCO_K = 65536  # queue size (number of negative keys)
+MOCO_M = 0.999  # key-encoder momentum
+MOCO_T = 0.2  # softmax temperature (MoCo v2; v1 used 0.07)
 
 MODES = ("supervised", "moco_v2", "adversarial")
+# Pretraining modes that learn no classifier: their checkpoints hold a backbone (and a projection
+# head), so they give features but no class predictions.
+SELF_SUPERVISED_MODES = ("moco_v2",)
 
 
 @dataclass
