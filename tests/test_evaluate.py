@@ -154,6 +154,14 @@ def test_in_process_linear_probe_matches_the_ray_train_run_record(task, tmp_path
             evaluate(EvalConfig(task, str(ckpt), image_size=32, resize_size=32, num_workers=0, use_gpu=True))
 
 
+def test_finetuning_skips_a_last_batch_of_one_image(task, tmp_path):
+    """36 train images (40 less the 4 held out for validation) in batches of 35 leave one image: BatchNorm in
+    training mode refused it ("Expected more than 1 value per channel") and the run failed."""
+    results = evaluate(EvalConfig(task, None, image_size=32, resize_size=32, mode="ff", epochs=1, batch_size=35,
+                                  num_workers=0, out=str(tmp_path / "ff.json")))
+    assert results["num_train"] == 36 and np.isfinite(results["history"][0]["train_loss"])
+
+
 @pytest.mark.ray
 def test_finetune_run_of_a_random_init_baseline_reports_every_epoch(ray_local, task, tmp_path):
     import ray.train

@@ -125,8 +125,8 @@ def _build_classifier(cfg: EvalConfig, num_classes: int) -> Surrogate:
 class _Worker:
     """This worker's view of the run: rank, device, and the collectives that are no-ops on one worker."""
 
-    def __init__(self, rank: int, world: int, device: torch.device) -> None:
-        self.rank, self.world, self.device = rank, world, device
+    def __init__(self, rank: int, world: int, device: torch.device, in_train: bool = False) -> None:
+        self.rank, self.world, self.device, self.in_train = rank, world, device, in_train
         self.cuda = device.type == "cuda"
 
     @classmethod
@@ -135,7 +135,7 @@ class _Worker:
         import ray.train.torch
 
         ctx = ray.train.get_context()
-        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), in_train=True)
 
     @classmethod
     def this_process(cls, use_gpu: bool) -> _Worker:
@@ -143,6 +143,14 @@ class _Worker:
             raise UserError("use_gpu with num_workers 0 evaluates in this process, which sees no CUDA device; "
                             "run it on a GPU node or use num_workers >= 1 (Ray Train places the worker on a GPU)")
         return cls(0, 1, torch.device("cuda" if use_gpu else "cpu"))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """``model`` on this worker's device, wrapped in DDP by Ray Train when there are several workers."""
+        if not self.in_train:  # num_workers 0: this process, no Train context
+            return model.to(self.device)
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
 
     def shard(self, n: int) -> torch.Tensor:
         return torch.arange(self.rank, n, self.world)
@@ -196,13 +204,11 @@ def _accuracy(model: Surrogate, split: tuple[torch.Tensor, torch.Tensor], w: _Wo
 def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: EvalConfig, w: _Worker,
               on_epoch: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
     """Train the whole network (DDP over workers) on augmented ``train`` batches; score ``evals`` each epoch."""
-    import ray.train.torch
-
     from dp4tl_ray.data.transforms import finetune_augment
 
     lr, epochs = cfg.recipe
     images, labels = train
-    ddp = ray.train.torch.prepare_model(model)
+    ddp = w.prepare(model)
     opt = torch.optim.Adam(ddp.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     order_gen = torch.Generator().manual_seed(cfg.seed)  # the same epoch order on every worker
