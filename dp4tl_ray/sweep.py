@@ -549,7 +549,7 @@ def _sweep_data_paths(plan: SweepPlan, dense_images: int) -> dict[str, bool]:
 
 def prepare(plan: SweepPlan) -> Shared:
     """Do every piece of work trials share, once, and list the trials: data and its data path, then per
-    surrogate its features and keep-sets, plus the reference trials."""
+    surrogate its features and keep-sets, plus the reference trials (in the config's method order)."""
     from dp4tl_ray.data.source import open_source
 
     sw = plan.sweep
@@ -563,7 +563,10 @@ def prepare(plan: SweepPlan) -> Shared:
         trials += [t for task in tasks for seed in sw.seeds
                    for t in _keepset_trials(plan, features, methods, task, seed, cached)]
         print(f"[sweep] surrogate {ref.name}: features and keep-sets ready under {sw.work}")
-    return Shared(source=source, tasks=tasks, trials=sorted(trials, key=lambda t: t.key))
+    # Tune runs them in this order: the config's method order (a reference such as dense listed first reports
+    # first), then by key. (Sorted by key alone, `methods: [random-init, lm]` still ran lm first.)
+    order = {m: i for i, m in enumerate(sw.methods)}
+    return Shared(source=source, tasks=tasks, trials=sorted(trials, key=lambda t: (order.get(t.method, len(order)), t.key)))
 
 
 # ----- one trial (runs in a Tune trial actor) -----

@@ -384,6 +384,8 @@ def test_sweep_job_on_a_local_head_resumes_after_stop(local_head, tmp_path):
     first = {json.loads((trials / f"{t}.json").read_text())["key"] for t in _finished_in_tune_state(storage / "tiny")}
     _ray("job", "stop", "--address", address, job, env=env)
     starts_before = (storage / "tiny" / "work" / "trial_starts.log").read_text().splitlines()
+    # trials run in the config's method order (random-init, the quick one, first): the stop lands while lm runs
+    assert json.loads(starts_before[0])["key"].startswith("random-init-"), starts_before
 
     second = _ray(*submit, "--submission-id", "sweep-2", *entry, env=env, timeout=500, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
