@@ -76,11 +76,6 @@ def _decode(args: Sequence[str]) -> list[Rule]:
     return [tuple(part.encode() for part in arg.split("\x1f")) for arg in args]
 
 
-def installed() -> bool:
-    """Whether this process's descriptor 2 runs through a filter child."""
-    return _CHILD is not None
-
-
 def install(rules: Sequence[Rule]) -> bool:
     """Route this process's descriptor 2 through a filter child dropping ``rules``' lines (once per
     process). Returns False, changing nothing, when the child cannot start."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from dp4tl_ray.select.voting import class_unit_votes
 
-REMEDY = "if it is not relevant: a surrogate trained with --augment shift, and --vote-rule one-to-one"
+REMEDY = "a surrogate trained with --augment shift, and --vote-rule one-to-one"
 SINK_MIN_SHARE = 1 / 3
 SINK_CLASS_FACTOR = 2.0
 SHARED_MIN_CLASSES = 3
@@ -111,7 +111,7 @@ def thresholds_text() -> str:
             f"{SINK_CLASS_FACTOR:g}x the share of the largest downstream class (sink unit), or when at least "
             f"max({SHARED_MIN_CLASSES}, {SHARED_MIN_FRACTION:.0%} of the classes) downstream classes send most of their "
             "votes to the same unit (shared majority). A warning is a reason to look, not proof of failure: several "
-            f"fine-grained classes may rightly share one coarse source unit; check that the named unit is relevant ({REMEDY}).")
+            f"fine-grained classes may rightly share one coarse source unit; check that the named unit is relevant (if it is not: {REMEDY}).")
 
 
 def _warnings(top_unit: str, top_share: float, largest_class_share: float, shared_unit: str, shared: int,
@@ -121,9 +121,8 @@ def _warnings(top_unit: str, top_share: float, largest_class_share: float, share
     if top_share > SINK_MIN_SHARE and top_share > SINK_CLASS_FACTOR * largest_class_share:
         out.append(f"sink unit: unit {top_unit} takes {top_share:.0%} of all votes (largest downstream class "
                    f"{largest_class_share:.0%}); if it is not relevant to the task, the surrogate does not recognise the "
-                   "downstream images (e.g. shifted in resolution or colour): a surrogate trained with --augment shift, "
-                   "and --vote-rule one-to-one")
+                   f"downstream images (e.g. shifted in resolution or colour): {REMEDY}")
     if shared >= max(SHARED_MIN_CLASSES, SHARED_MIN_FRACTION * num_classes):
         out.append(f"shared majority: {shared} of {num_classes} downstream classes send most votes to unit "
-                   f"{shared_unit}; units relevant to them rank on few votes and may be dropped ({REMEDY})")
+                   f"{shared_unit}; units relevant to them rank on few votes and may be dropped (if that unit is not relevant: {REMEDY})")
     return out

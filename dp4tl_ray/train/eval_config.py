@@ -96,7 +96,6 @@ class EvalConfig:
             load_backbone(self.checkpoint, self.arch, self.small_input, len(train.classes))
 
 
-
 def task_indexes(task_dir: str | Path) -> tuple[FolderIndex, FolderIndex]:
     """The train and test folder indexes of a task, test labels following the train class order."""
     task = Path(task_dir)
