@@ -1,15 +1,15 @@
 """Figure P1: images/s of the Ray Data extraction pipeline vs a plain DataLoader + model loop.
 
 Same generated data, same model and weights, same batch size, same CPU budget (``--cpus``): Ray
-gets ``ray.init(num_cpus=cpus)`` and runs the real ``extract_features`` (decode tasks -> model
-actor pool sized by ``InferencePool`` -> parquet); the plain loop gets a DataLoader with cpus-1
+gets ``ray.init(num_cpus=cpus)`` and runs the real ``extract_features`` (on CPU: a model actor pool
+sized by ``InferencePool`` whose actors decode their own images and commit parquet parts); the plain loop gets a DataLoader with cpus-1
 workers and one model in the main process, run with cpus-1 and with cpus torch threads, the
 faster being the baseline. Both decode with the same function and write their features to parquet.
 
 Two figures per side, from the curve "rows done by time t" (time counted from the call, so Ray's
 excludes ``ray.init``, reported apart as ``ray_init_s``):
 - steady rate: rows/s between the first output at or past ``--warmup-rows`` rows and the last row
-  (Ray's rows are timed by the mtimes of the parquet files its write tasks close; the plain loop's
+  (Ray's rows are timed by the mtimes of the parquet parts its actors commit; the plain loop's
   by the model's output batches);
 - start-up: the time to that warm-up point minus the time those rows take at the steady rate,
   i.e. the fixed cost before the pipeline runs at its steady rate (actor start, first blocks).

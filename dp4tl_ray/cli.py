@@ -173,6 +173,9 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
                         help="also show Ray's worker logs and Tune's per-result tables")
 
 
+_STARTED_RAY = []  # [True] once init_ray has started or attached to Ray for this command (run() shuts it down)
+
+
 def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
     """Ray for an entry point (the library never starts it): attach to the cluster named by RAY_ADDRESS
     (set by `ray job submit`), else start an embedded local Ray whose node also holds the trial-driver
@@ -196,6 +199,7 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
         if "RAY_AUTH_MODE" not in os.environ:
             drop_default_auth_notice()
         drop_worker_pool_notice()
+    _STARTED_RAY[:] = [True]
     if address:
         ray.init()
     else:
@@ -302,7 +306,19 @@ def run(argv: list[str] | None = None, console: bool = False) -> int:
     except UserError as e:
         print(f"dp4tl: error: {user_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        _shutdown_ray()
     return 0
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this command started (detach from a cluster's) now: left to Ray's exit hook, each
+    command's exit also waited 0.5 s for log lines a finished command no longer prints."""
+    if _STARTED_RAY:
+        import ray
+
+        _STARTED_RAY.clear()
+        ray.shutdown()
 
 
 def main() -> None:

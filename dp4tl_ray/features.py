@@ -1,8 +1,10 @@
 """Surrogate feature extraction with Ray Data, and the FeatureStore it writes.
 
-Pipeline: index/shards -> CPU decode tasks (:mod:`dp4tl_ray.data.decode`) -> an actor pool of
-:class:`SurrogateEmbedder` (one actor per GPU, or CPU actors) -> parquet parts committed as they
-finish (:mod:`dp4tl_ray.parts`), so a killed run resumes where it stopped. Per row the store
+Pipeline: index/shards -> an actor pool of :class:`ExtractWorker` -> parquet parts committed by the
+actors as they finish (:mod:`dp4tl_ray.parts`), so a killed run resumes where it stopped. On CPU each
+actor decodes its own images (:mod:`dp4tl_ray.data.decode`) and runs the model on them: a core does
+both, no decoded image crosses the object store, and no decode or write process has to start. On
+GPU, CPU decode tasks feed one actor per GPU, so the GPU never waits on a decode. Per row the store
 holds ``id, label, feature`` (L2-normalised penultimate feature), ``topk_idx, topk_logit``.
 The store is content-addressed: its ``store_key`` hashes everything the rows depend on, so a
 second run on unchanged inputs reuses it and a changed input rebuilds it.
@@ -10,6 +12,7 @@ second run on unchanged inputs reuses it and a changed input rebuilds it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,17 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
-from dp4tl_ray.data.decode import DecodeSpec, new_skip_ledger
+from dp4tl_ray.data.decode import DecodeSpec, decode_batch
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
-from dp4tl_ray.parts import PartStaging, commit_part, discard_staging, part_rows
+from dp4tl_ray.parts import PartStaging, commit_part, commit_skips, discard_staging, part_rows
 from dp4tl_ray.pool import InferencePool
 from dp4tl_ray.progress import EVERY_S, Progress, say
-from dp4tl_ray.select.keepset import filter_by_ids
 
 if TYPE_CHECKING:
-    from dp4tl_ray.models import ModelSpec
+    from dp4tl_ray.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 STORE_FORMAT = 1
@@ -77,6 +79,34 @@ class SurrogateEmbedder:
         return feature_table(batch["id"], batch["label"], feats, top_idx.cpu().numpy(), top_logit.cpu().numpy())
 
 
+class ExtractWorker(SurrogateEmbedder):
+    """Ray Data callable class: one part's rows in, its feature rows committed as a part, ``rows`` out.
+
+    With ``decode`` (CPU pools) the rows are undecoded (``id, label`` and ``path`` or ``image``
+    bytes) and the actor decodes them itself, ``batch_size`` at a time, committing a record of the
+    unreadable images; without it (GPU pools) they come decoded from CPU tasks. A part is written by
+    the actor that computed it (temp + rename), so a kill loses only the parts in flight."""
+
+    def __init__(self, *, staging: str, batch_size: int, decode: DecodeSpec | None = None, root: str | None = None,
+                 **embedder):
+        super().__init__(**embedder)
+        self.staging, self.batch_size = staging, batch_size
+        self.decode, self.root = decode, root
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tables = []
+        for start in range(0, len(batch["id"]), self.batch_size):
+            rows = {k: v[start:start + self.batch_size] for k, v in batch.items()}
+            if self.decode is not None:
+                rows = decode_batch(rows, spec=self.decode, root=self.root,
+                                    on_skip=functools.partial(commit_skips, staging=self.staging))
+            if len(rows["id"]):
+                tables.append(super().__call__(rows))
+        if not tables:  # every image of the part was unreadable (and recorded)
+            return {"rows": np.zeros(1, dtype=np.int64)}
+        return commit_part(pa.concat_tables(tables), staging=self.staging)
+
+
 @dataclass
 class ExtractConfig:
     """One extraction run: which images, which surrogate, how to run the pool."""
@@ -94,7 +124,8 @@ class ExtractConfig:
     topk: int = 5
     batch_size: int = 128
     num_actors: int | None = None  # default: number of GPUs, else one per CPU (see InferencePool)
-    rows_per_block: int = 256
+    rows_per_block: int = 256  # rows per decode task (where CPU tasks decode; where the actors do, a block is a part)
+    decode_in_actors: bool | None = None  # default: on CPU yes, on GPU no (CPU tasks decode for the GPU)
     seed: int = 0
     mean: tuple[float, ...] | None = None  # default: the checkpoint's, else ImageNet's
     std: tuple[float, ...] | None = None
@@ -112,12 +143,13 @@ class ExtractConfig:
 
 
 def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[ModelSpec, dict[str, Any]]:
-    from dp4tl_ray.models import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_backbone,
-                                  load_checkpoint, load_model, spec_from_checkpoint)
+    from dp4tl_ray.model_spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
     from dp4tl_ray.train.pretrain_config import SELF_SUPERVISED_MODES
 
     base = ModelSpec(cfg.arch, cfg.num_classes or num_source_classes, cfg.small_input, cfg.mean or IMAGENET_MEAN, cfg.std or IMAGENET_STD)
-    if cfg.checkpoint:
+    if cfg.checkpoint:  # torch on the driver only here: a seeded random init needs no model to check
+        from dp4tl_ray.models import load_backbone, load_checkpoint, load_model, spec_from_checkpoint
+
         saved = spec_from_checkpoint(cfg.checkpoint, base)
         # The checkpoint's normalisation wins unless given explicitly: the surrogate sees what it was trained on.
         base = ModelSpec(base.arch, base.num_classes, base.small_input, cfg.mean or saved.mean, cfg.std or saved.std)
@@ -132,7 +164,7 @@ def _surrogate_identity(cfg: ExtractConfig, num_source_classes: int) -> tuple[Mo
     return base, {"name": cfg.arch, **asdict(base), **ident}
 
 
-COMMIT_TASKS = 2  # part writes at once (no CPU reserved: see extract_features)
+DECODED_PART_BYTES = 256 << 20  # at most this much decoded image data in one actor call (GPU pools)
 
 
 def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore:
@@ -157,34 +189,31 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
             return existing
         log.info("FeatureStore %s is stale (inputs changed): rebuilding", out)
     staging = PartStaging.for_store(out, store_key)
-    done = staging.committed_ids()
+    done = staging.done_ids()  # rows committed, or found unreadable, by a run a kill stopped
     if done.size:
-        log.info("Resuming %s: %d of %d rows were extracted before (%s)", out, done.size, n_rows, staging.path)
+        log.info("Resuming %s: %d of %d rows were extracted or skipped before (%s)", out, done.size, n_rows, staging.path)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    # sized for the rows left: a resumed run near its end needs no more actors than it has blocks
-    pool = InferencePool.plan(cfg.num_actors, max_inputs=max(1, -(-(n_rows - done.size) // cfg.rows_per_block)))
+    part = part_rows(n_rows, cfg.batch_size)
+    # sized for the parts left: a resumed run near its end needs no more actors than it has parts
+    pool = InferencePool.plan(cfg.num_actors, max_inputs=max(1, -(-(n_rows - done.size) // part)),
+                              decodes=cfg.decode_in_actors is not False)
 
-    ledger = new_skip_ledger()
-    rows = source.rows(cfg.rows_per_block)
-    if done.size:
-        rows = filter_by_ids(rows, done, keep=False)
-    ds = source.decode(rows, decode, cfg.rows_per_block, ledger)
-    ds = ds.map_batches(
-        SurrogateEmbedder,
-        fn_constructor_kwargs={"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
-                               "torch_threads": pool.threads, "classifier": surrogate["classifier"]},
-        batch_size=cfg.batch_size,
-        **pool.map_batches_kwargs(),
-        batch_format="numpy",
-    )
-    # Commits reserve no CPU (two at a time): with a CPU each, Ray Data's budget gave them none while decode tasks
-    # held the CPUs the actors left, so on a small node no part was committed until decoding had finished - a kill
-    # before then lost every row. Writing a part is brief; now each follows its rows out of the model.
-    commits = ds.map_batches(commit_part, fn_kwargs={"staging": str(staging.path)},
-                             batch_size=part_rows(n_rows, cfg.batch_size), batch_format="pyarrow",
-                             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=COMMIT_TASKS))
+    # A block of a folder's rows is one part where the actors decode: Ray Data hands an actor whole blocks, so
+    # larger ones would leave actors idle on a small source.
+    rows = source.rows(part if pool.decodes else cfg.rows_per_block, exclude=done)
+    worker = {"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
+              "torch_threads": pool.threads, "classifier": surrogate["classifier"],
+              "staging": str(staging.path), "batch_size": cfg.batch_size}
+    if pool.decodes:
+        worker.update(decode=decode, root=source.decode_root)
+        parts = rows
+    else:  # a part's decoded images are held at once: bounded in bytes
+        parts = source.decode(rows, decode, cfg.rows_per_block, functools.partial(commit_skips, staging=str(staging.path)))
+        part = min(part, max(cfg.batch_size, DECODED_PART_BYTES // decode.bytes_per_image()))
+    commits = parts.map_batches(ExtractWorker, fn_constructor_kwargs=worker, batch_size=part,
+                                **pool.map_batches_kwargs(), batch_format="numpy")
     if done.size < n_rows:  # else a kill came after every part was committed: only the assembly is left
         run, new_rows, t0 = staging.new_run(), 0, time.perf_counter()
         shown = Progress(f"extract {out.name}", total=n_rows, unit="rows", rate_unit="images/s", start=done.size,
@@ -195,7 +224,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
             shown.update(done.size + new_rows)
         staging.record_run(run, time.perf_counter() - t0, new_rows)
         shown.finish(done.size + new_rows)
-    skipped = ray.get(ledger.rows.remote())
+    skipped = staging.skipped()
     files, written = staging.parts(), staging.committed_ids().size  # refused if a row was committed twice
     if written + len(skipped) != n_rows:
         raise RuntimeError(f"extraction lost rows: {written} written + {len(skipped)} skipped != {n_rows} inputs")
@@ -211,11 +240,11 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
         "num_rows": written,
         "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
         "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
+        "decoded_by": "model actors" if pool.decodes else "cpu tasks",
         "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     staging.assemble(out, manifest)
-    ray.kill(ledger)
     return FeatureStore(out, manifest)
 
 
-__all__ = ["ExtractConfig", "SurrogateEmbedder", "extract_features"]
+__all__ = ["ExtractConfig", "ExtractWorker", "SurrogateEmbedder", "extract_features"]

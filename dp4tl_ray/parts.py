@@ -1,8 +1,9 @@
 """Resumable extraction: feature rows committed in parts next to the store, then assembled into it.
 
 A run writes every batch of finished rows as its own parquet part in ``<out>.parts-<key>/``,
-atomically and named by its ids. A re-run after a kill reads the ids of the committed parts and
-extracts only the other rows; the run that completes links every part into the store directory,
+atomically and named by its ids, and the images it could not read as ``skip-*.json`` records the
+same way. A re-run after a kill reads the ids of the committed parts and records and extracts only
+the other rows; the run that completes links every part into the store directory,
 writes the manifest last and renames the whole into place. Each run also keeps ``run-<id>.json``:
 the seconds it had worked when it committed its last part, so the store records the work its rows
 cost and not the work a kill threw away.
@@ -28,6 +29,7 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, open_shard, write_shard
 
 PART_GLOB = "part-*.parquet"
+SKIP_GLOB = "skip-*.json"
 RUN_GLOB = "run-*.json"
 
 
@@ -37,16 +39,26 @@ def part_rows(num_rows: int, batch_size: int) -> int:
     return max(batch_size, min(10_000, -(-num_rows // 100)))
 
 
-def commit_part(batch: pa.Table, *, staging: str) -> dict[str, np.ndarray]:
-    """Ray Data UDF: write ``batch`` (FeatureStore rows) as one part, atomically.
+def _name_by_ids(prefix: str, ids: np.ndarray, suffix: str) -> str:
+    """A file name hashing ``ids``: a batch Ray retries rewrites the same file rather than adding a second
+    copy of its rows."""
+    return f"{prefix}-{hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:24]}{suffix}"
 
-    The name hashes the batch's ids, so a task Ray retries rewrites the same part rather than adding a
-    second copy of its rows."""
-    ids = np.sort(batch.column("id").to_numpy())
-    name = f"part-{hashlib.sha256(ids.tobytes()).hexdigest()[:24]}.parquet"
+
+def commit_part(batch: pa.Table, *, staging: str) -> dict[str, np.ndarray]:
+    """Write ``batch`` (FeatureStore rows) as one part, atomically (by the actor that computed them);
+    returns the rows written, as a one-row Ray Data batch."""
+    name = _name_by_ids("part", batch.column("id").to_numpy(), ".parquet")
     with atomic.file_path(Path(staging) / name) as tmp:
         write_shard(batch, tmp)
     return {"rows": np.array([batch.num_rows], dtype=np.int64)}
+
+
+def commit_skips(rows: list[tuple[int, str, str]], *, staging: str) -> None:
+    """Record ``(id, path, error)`` of images the decode could not read, atomically, so the store lists them
+    and a resumed run does not read them again (a decode stage's ``on_skip``)."""
+    name = _name_by_ids("skip", np.array([r[0] for r in rows]), ".json")
+    atomic.write_json(Path(staging) / name, {"skipped": [{"id": int(i), "path": str(p), "error": str(e)} for i, p, e in rows]})
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,19 @@ class PartStaging:
         if ids.size > 1 and not (np.diff(ids) > 0).all():
             raise UserError(f"{self.path}: a row id is in two parts (files changed by hand?); delete it and extract again")
         return ids
+
+    def skipped(self) -> list[dict[str, Any]]:
+        """Every recorded unreadable image, ``{"id", "path", "error"}`` sorted by id, each once."""
+        rows = {}
+        for path in sorted(self.path.glob(SKIP_GLOB)):
+            for row in read_json(path, f"delete {path} (its images are read again)", ("skipped",))["skipped"]:
+                rows[int(row["id"])] = row
+        return [rows[i] for i in sorted(rows)]
+
+    def done_ids(self) -> np.ndarray:
+        """The sorted ids a run need not read again: committed rows and recorded unreadable images."""
+        skipped = np.array([row["id"] for row in self.skipped()], dtype=np.int64)
+        return np.union1d(self.committed_ids(), skipped)
 
     def new_run(self) -> str:
         """A run id that sorts by start time."""

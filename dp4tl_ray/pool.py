@@ -11,22 +11,25 @@ from typing import Any
 class InferencePool:
     """One actor per GPU when the cluster has GPUs; else by default one single-threaded actor per CPU.
 
-    CPU actors together reserve ``CPUs - 1`` so a CPU always stays schedulable for the decode tasks
-    that feed them (a pool holding every CPU stalls the stream). Decoding takes a small part of a
-    CPU next to the model (about a tenth at 64 or 224 px), so the actors run a thread per core and
-    share the decode core with it: on 2 CPUs a pool of one one-thread actor left half the machine
-    idle, and one actor with two threads (intra-op) scales worse than two actors and collapses
-    when the machine is oversubscribed."""
+    CPU actors together reserve ``CPUs - 1``, so a CPU always stays schedulable for the tasks that
+    feed them (decode tasks, or for a pool that decodes its own inputs, the tasks that read shards or
+    drop rows by id): a pool holding every CPU stalls the stream. Those tasks take a small part of a
+    CPU next to the model (decoding about a tenth at 64 or 224 px), so the actors run a thread per
+    core and share that core with them: on 2 CPUs a pool of one one-thread actor left half the
+    machine idle, and one actor with two threads (intra-op) scales worse than two actors and
+    collapses when the machine is oversubscribed."""
 
     size: int
     threads: int  # torch threads per actor (CPU actors)
     gpus: int
     cpus_per_actor: float = 0.0  # CPU reservation per actor (CPU actors)
+    decodes: bool = False  # the actors decode their inputs themselves (CPU pools asked to)
 
     @classmethod
-    def plan(cls, num_actors: int | None = None, max_inputs: int | None = None) -> InferencePool:
-        """The pool for this cluster; by default no larger than ``max_inputs`` (blocks to process),
-        as an actor that gets no block only costs its start-up."""
+    def plan(cls, num_actors: int | None = None, max_inputs: int | None = None, decodes: bool = False) -> InferencePool:
+        """The pool for this cluster; by default no larger than ``max_inputs`` (batches to process),
+        as an actor that gets no batch only costs its start-up. ``decodes``: a CPU pool may decode
+        its own inputs (a GPU pool never does: CPU tasks decode for it, so the GPU does not wait)."""
         import ray
 
         resources = ray.cluster_resources()
@@ -35,7 +38,7 @@ class InferencePool:
             num_actors = min(gpus or cpus, max_inputs)
         if gpus:
             return cls(num_actors or gpus, 1, gpus)
-        return cpu_pool(cpus, num_actors)
+        return cpu_pool(cpus, num_actors, decodes)
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         """``compute``, ``num_gpus`` and ``num_cpus`` for ``Dataset.map_batches`` of the model class."""
@@ -45,9 +48,10 @@ class InferencePool:
                 "num_cpus": 0 if self.gpus else self.cpus_per_actor}
 
 
-def cpu_pool(cpus: int, num_actors: int | None = None) -> InferencePool:
+def cpu_pool(cpus: int, num_actors: int | None = None, decodes: bool = False) -> InferencePool:
     """CPU actors for ``cpus`` CPUs: ``num_actors`` (default ``cpus``) sharing ``cpus - 1`` of reservation
-    (rounded down to Ray's 1e-4 resource grain) and ``cpus - 1`` threads (at least one each)."""
+    (rounded down to Ray's 1e-4 resource grain) and the cores as threads (at least one each): ``cpus - 1``
+    of them beside CPU decode tasks, all of them when the actors decode their own inputs."""
     size = num_actors or cpus
     share = math.floor((cpus - 1) / size * 1e4) / 1e4
-    return InferencePool(size, max(1, (cpus - 1) // size), 0, share)
+    return InferencePool(size, max(1, (cpus if decodes else cpus - 1) // size), 0, share, decodes)

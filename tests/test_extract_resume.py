@@ -17,7 +17,7 @@ import pytest
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.features import ExtractConfig, extract_features
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_matrix, feature_table
-from dp4tl_ray.parts import PartStaging, commit_part, part_rows
+from dp4tl_ray.parts import PartStaging, commit_part, commit_skips, part_rows
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick, but many parts: 16 rows each, so a kill lands with most of the rows still to do.
@@ -42,6 +42,17 @@ def test_parts_are_named_by_their_ids_and_a_row_committed_twice_is_refused(tmp_p
     commit_part(_rows([1, 5]), staging=str(staging.path))
     with pytest.raises(UserError, match="two parts"):
         staging.committed_ids()
+
+
+def test_unreadable_images_are_recorded_once_and_a_resumed_run_skips_them_with_the_committed_rows(tmp_path):
+    staging = PartStaging.for_store(tmp_path / "store", "cd" * 32)
+    staging.path.mkdir(parents=True)
+    commit_part(_rows([0, 2]), staging=str(staging.path))
+    commit_skips([(7, "a/x.jpg", "OSError: truncated"), (4, "b/y.jpg", "empty")], staging=str(staging.path))
+    commit_skips([(4, "b/y.jpg", "empty"), (7, "a/x.jpg", "OSError: truncated")], staging=str(staging.path))  # retried
+    assert len(list(staging.path.glob("skip-*.json"))) == 1
+    assert [(r["id"], r["path"]) for r in staging.skipped()] == [(4, "b/y.jpg"), (7, "a/x.jpg")]
+    assert staging.done_ids().tolist() == [0, 2, 4, 7] and staging.committed_ids().tolist() == [0, 2]
 
 
 def test_part_size_is_about_a_hundredth_within_a_batch_and_10k_rows():

@@ -43,6 +43,19 @@ def test_rows_match_ids_and_corrupt_files_are_counted(folder_store, synth_dirty)
     assert topk.shape == (len(expected), 3) and topk.min() >= 0 and topk.max() < len(index.classes)
 
 
+def test_decode_tasks_feeding_the_actors_give_the_same_store(folder_store, synth_dirty, tmp_path):
+    """The GPU pipeline's shape (CPU decode tasks feed the model actors), run on CPU: the rows, the skipped files
+    and the key are those of the actors that decode their own images."""
+    store = extract_features(_cfg(synth_dirty.source_dir, tmp_path / "store", decode_in_actors=False), progress=False)
+    assert (folder_store.manifest["decoded_by"], store.manifest["decoded_by"]) == ("model actors", "cpu tasks")
+    assert store.manifest["store_key"] == folder_store.manifest["store_key"]
+    a, b = folder_store.read(), store.read()
+    assert a.column("id").equals(b.column("id")) and a.column("topk_idx").equals(b.column("topk_idx"))
+    np.testing.assert_allclose(folder_store.arrays()[2], store.arrays()[2], atol=1e-5)
+    skipped = [[(r["id"], r["path"]) for r in st.manifest["skipped"]] for st in (folder_store, store)]
+    assert skipped[0] == skipped[1] and skipped[0]
+
+
 def test_features_equal_a_direct_forward_pass(folder_store, synth_dirty):
     from dp4tl_ray.data.decode import DecodeSpec, decode_image
 

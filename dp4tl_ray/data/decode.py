@@ -1,8 +1,9 @@
 """The CPU decode stage shared by every reader: bytes or path -> resized RGB uint8, centre-cropped
 for extraction and evaluation, whole (short side resized) for training's random crops.
 
-Unreadable images (truncated, empty, not an image) are dropped from the stream and recorded in a
-:class:`SkipLedger` actor, so a run goes on and its summary lists exactly what was skipped.
+Unreadable images (truncated, empty, not an image) are dropped from the stream and handed to the
+caller's ``on_skip`` (extraction commits them next to its parts), so a run goes on and its summary
+lists exactly what was skipped.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -68,31 +69,11 @@ def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-class SkipLedgerActor:
-    """Collects ``(id, path, error)`` of images the decode stage could not read."""
-
-    def __init__(self) -> None:
-        self._rows: dict[int, tuple[str, str]] = {}
-
-    def record(self, rows: list[tuple[int, str, str]]) -> None:
-        for rid, path, err in rows:
-            self._rows[int(rid)] = (path, err)
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [{"id": i, "path": p, "error": e} for i, (p, e) in sorted(self._rows.items())]
-
-
-def new_skip_ledger():
-    """Start a ledger actor (no CPU reserved: it only appends to a dict)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(SkipLedgerActor).remote()
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | None = None, ledger=None) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | None = None,
+                 on_skip: Callable[[list[tuple[int, str, str]]], Any] | None = None) -> dict[str, np.ndarray]:
     """Ray Data UDF: rows with ``image`` bytes (parquet) or ``path`` (folder) -> ``id, label, image``.
 
-    Rows that fail to decode are dropped; with a ledger they are recorded there first. ``image`` is
+    Rows that fail to decode are dropped; ``on_skip`` first gets their ``(id, path, error)``. ``image`` is
     uint8 NHWC, or (uncropped images of several shapes) an object array of HWC images, which Ray
     Data stores as a variable-shaped tensor column.
     """
@@ -109,10 +90,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | 
             keep.append(i)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and recorded
             bad.append((int(ids[i]), where, f"{type(e).__name__}: {e}"[:200]))
-    if bad and ledger is not None:
-        import ray
-
-        ray.get(ledger.record.remote(bad))
+    if bad and on_skip is not None:
+        on_skip(bad)
     keep_idx = np.asarray(keep, dtype=np.int64)
     return {
         "id": np.asarray(ids)[keep_idx].astype(np.int64),

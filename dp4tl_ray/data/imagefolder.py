@@ -113,8 +113,9 @@ def scan_image_folder(root: str | Path, class_index: str | Path | list[str] | No
     return FolderIndex(root, list(classes), paths, np.asarray(labels, dtype=np.int32), h.hexdigest())
 
 
-def index_dataset(index: FolderIndex, rows_per_block: int = 256):
-    """A Ray Dataset of ``id, label, path`` rows, in blocks of ``rows_per_block``.
+def index_dataset(index: FolderIndex, rows_per_block: int = 256, exclude=None):
+    """A Ray Dataset of ``id, label, path`` rows, in blocks of ``rows_per_block``, without the rows whose
+    id is in ``exclude`` (sorted).
 
     ``from_blocks``, not ``from_arrow``: the driver holds the index, so the blocks' metadata is computed
     here. ``from_arrow`` runs a 1-CPU Ray task per block for it; on a small cluster those finished
@@ -125,5 +126,9 @@ def index_dataset(index: FolderIndex, rows_per_block: int = 256):
     import ray.data
 
     table = index.table()
+    if exclude is not None and len(exclude):
+        from dp4tl_ray.select.keepset import isin_sorted
+
+        table = table.filter(pa.array(~isin_sorted(table.column("id").to_numpy(), np.asarray(exclude))))
     blocks = [table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)]
     return ray.data.from_blocks(blocks)

@@ -57,7 +57,7 @@ class Reencode:
                 out = io.BytesIO()
                 img.save(out, format="JPEG", quality=self.quality)
                 return out.getvalue()
-        except Exception:  # noqa: BLE001 - unreadable: left to the decode stage's skip ledger
+        except Exception:  # noqa: BLE001 - unreadable: left to the decode stage, which records it as skipped
             return data
 
 

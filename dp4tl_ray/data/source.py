@@ -38,34 +38,42 @@ class ImageSource:
         origin = getattr(self.handle, "origin_fingerprint", None)
         return {self.fingerprint} | ({origin} if origin else set())
 
-    def rows(self, rows_per_block: int = 256):
+    def rows(self, rows_per_block: int = 256, exclude=None):
         """A Ray Dataset of undecoded ``id, label`` + ``path`` (folder) or ``image`` bytes (shards) rows:
-        cheap to filter by id (a KeepSet) before any image is read."""
+        cheap to filter by id (a KeepSet) before any image is read. ``exclude``: sorted ids to leave out
+        (a resumed extraction's finished rows): a folder's are dropped from the index it already holds,
+        shards' by a filter where they are read."""
         if self.format == "parquet":
             from dp4tl_ray.data.parquet import shards_dataset
+            from dp4tl_ray.select.keepset import filter_by_ids
 
-            return shards_dataset(self.handle)
+            rows = shards_dataset(self.handle)
+            return rows if exclude is None or not len(exclude) else filter_by_ids(rows, exclude, keep=False)
         from dp4tl_ray.data.imagefolder import index_dataset
 
-        return index_dataset(self.handle, rows_per_block)
+        return index_dataset(self.handle, rows_per_block, exclude)
 
-    def decode(self, rows, spec: DecodeSpec, rows_per_block: int = 256, ledger=None):
+    @property
+    def decode_root(self) -> str | None:
+        """Where ``path`` rows are relative to (folders); None for shards, whose rows carry the bytes."""
+        return None if self.format == "parquet" else str(self.handle.root)
+
+    def decode(self, rows, spec: DecodeSpec, rows_per_block: int = 256, on_skip=None):
         """Decode ``rows`` (from :meth:`rows`, possibly filtered) into ``id, label, image`` (uint8 HxWx3).
 
-        Unreadable images are dropped (and recorded in ``ledger`` if given). Decoding runs in CPU
+        Unreadable images are dropped (their ``(id, path, error)`` handed to ``on_skip`` if given). Decoding runs in CPU
         tasks, streaming."""
-        root = None if self.format == "parquet" else str(self.handle.root)
         return rows.map_batches(
-            decode_batch, fn_kwargs={"spec": spec, "root": root, "ledger": ledger}, batch_size=rows_per_block,
+            decode_batch, fn_kwargs={"spec": spec, "root": self.decode_root, "on_skip": on_skip}, batch_size=rows_per_block,
             num_cpus=1,
             # A memory reservation sized to the decoded block; it also keeps decode in its own CPU
             # tasks (Ray does not fuse it into model actors), so decode overlaps inference.
             memory=_decode_task_memory(spec, rows_per_block),
         )
 
-    def decoded(self, spec: DecodeSpec, rows_per_block: int = 256, ledger=None):
+    def decoded(self, spec: DecodeSpec, rows_per_block: int = 256, on_skip=None):
         """Every image, decoded: ``decode(rows())``."""
-        return self.decode(self.rows(rows_per_block), spec, rows_per_block, ledger)
+        return self.decode(self.rows(rows_per_block), spec, rows_per_block, on_skip)
 
 
 def _decode_task_memory(spec: DecodeSpec, rows: int) -> int:
