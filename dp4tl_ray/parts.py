@@ -77,17 +77,20 @@ class PartStaging:
 
     def committed_ids(self) -> np.ndarray:
         """The sorted ids of every committed row (only the parts' ``id`` columns are read); half-written
-        temp files of killed writes are removed on the way."""
+        temp files of killed writes are removed on the way, and so is a part whose every row another part
+        holds too (see :func:`_drop_redundant_parts`)."""
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
-        chunks = []
+        part_ids = {}
         for part in self.parts():
             fix = f"delete {part} (only its rows are extracted again)"
             with reading(part, fix), open_shard(part) as f:
                 require_columns(f.schema_arrow, ["id"], part, fix)
-                chunks.append(f.read(columns=["id"]).column("id").to_numpy())
-        ids = np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
+                part_ids[part] = f.read(columns=["id"]).column("id").to_numpy()
+        ids = _sorted_ids(part_ids)
+        if ids.size > 1 and not (np.diff(ids) > 0).all():
+            ids = _sorted_ids(_drop_redundant_parts(part_ids))
         if ids.size > 1 and not (np.diff(ids) > 0).all():
             raise UserError(f"{self.path}: a row id is in two parts (files changed by hand?); delete it and extract again")
         return ids
@@ -127,6 +130,26 @@ class PartStaging:
                 _link_or_copy(part, tmp / part.name)
             atomic.write_json(tmp / MANIFEST, manifest)
         discard_staging(out)
+
+
+def _sorted_ids(part_ids: dict[Path, np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(list(part_ids.values()))) if part_ids else np.zeros(0, np.int64)
+
+
+def _drop_redundant_parts(part_ids: dict[Path, np.ndarray]) -> dict[Path, np.ndarray]:
+    """Delete the parts whose every row is also in other parts, oldest first; returns the rest.
+
+    A killed driver's actors live on for a few seconds (they are in sessions of their own) and can commit a
+    part after a resumed run has read the committed ids and batched those rows again. A row is the same
+    function of its id in both, so the copy is dropped rather than the staging refused."""
+    uniq, counts = np.unique(np.concatenate(list(part_ids.values())), return_counts=True)
+    for part in sorted(part_ids, key=lambda p: (p.stat().st_mtime_ns, p.name)):
+        pos = np.searchsorted(uniq, part_ids[part])
+        if (counts[pos] > 1).all():
+            counts[pos] -= 1
+            part.unlink()
+            del part_ids[part]
+    return part_ids
 
 
 def discard_staging(out: str | Path) -> None:

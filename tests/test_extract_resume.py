@@ -44,6 +44,18 @@ def test_parts_are_named_by_their_ids_and_a_row_committed_twice_is_refused(tmp_p
         staging.committed_ids()
 
 
+def test_a_part_an_orphaned_actor_committed_after_a_resume_read_the_staging_is_dropped_as_a_copy(tmp_path):
+    staging = PartStaging.for_store(tmp_path / "store", "ef" * 32)
+    staging.path.mkdir(parents=True)
+    commit_part(_rows([1, 2]), staging=str(staging.path))  # the killed run's orphan, landing late
+    for ids in ([0, 1], [2, 3]):  # the resumed run had batched those rows differently
+        commit_part(_rows(ids), staging=str(staging.path))
+    assert staging.committed_ids().tolist() == [0, 1, 2, 3] and len(staging.parts()) == 2
+    commit_part(_rows([3, 4]), staging=str(staging.path))  # a copy of row 3 only, row 4 in no other part: refused
+    with pytest.raises(UserError, match="two parts"):
+        staging.committed_ids()
+
+
 def test_unreadable_images_are_recorded_once_and_a_resumed_run_skips_them_with_the_committed_rows(tmp_path):
     staging = PartStaging.for_store(tmp_path / "store", "cd" * 32)
     staging.path.mkdir(parents=True)
