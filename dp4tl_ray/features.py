@@ -83,23 +83,22 @@ class ExtractWorker(SurrogateEmbedder):
     """Ray Data callable class: one part's rows in, its feature rows committed as a part, ``rows`` out.
 
     With ``decode`` (CPU pools) the rows are undecoded (``id, label`` and ``path`` or ``image``
-    bytes) and the actor decodes them itself, ``batch_size`` at a time, committing a record of the
-    unreadable images; without it (GPU pools) they come decoded from CPU tasks. A part is written by
+    bytes) and the actor decodes them itself, ``batch_size`` at a time, handing the unreadable images
+    to ``on_skip``; without it (GPU pools) they come decoded from CPU tasks. A part is written by
     the actor that computed it (temp + rename), so a kill loses only the parts in flight."""
 
     def __init__(self, *, staging: str, batch_size: int, decode: DecodeSpec | None = None, root: str | None = None,
-                 **embedder):
+                 on_skip=None, **embedder):
         super().__init__(**embedder)
         self.staging, self.batch_size = staging, batch_size
-        self.decode, self.root = decode, root
+        self.decode, self.root, self.on_skip = decode, root, on_skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tables = []
         for start in range(0, len(batch["id"]), self.batch_size):
             rows = {k: v[start:start + self.batch_size] for k, v in batch.items()}
             if self.decode is not None:
-                rows = decode_batch(rows, spec=self.decode, root=self.root,
-                                    on_skip=functools.partial(commit_skips, staging=self.staging))
+                rows = decode_batch(rows, spec=self.decode, root=self.root, on_skip=self.on_skip)
             if len(rows["id"]):
                 tables.append(super().__call__(rows))
         if not tables:  # every image of the part was unreadable (and recorded)
@@ -125,7 +124,7 @@ class ExtractConfig:
     batch_size: int = 128
     num_actors: int | None = None  # default: number of GPUs, else one per CPU (see InferencePool)
     rows_per_block: int = 256  # rows per decode task (where CPU tasks decode; where the actors do, a block is a part)
-    decode_in_actors: bool | None = None  # default: on CPU yes, on GPU no (CPU tasks decode for the GPU)
+    decode_in_actors: bool | None = None  # CPU pools: default yes; GPU pools never (CPU tasks decode for the GPU)
     seed: int = 0
     mean: tuple[float, ...] | None = None  # default: the checkpoint's, else ImageNet's
     std: tuple[float, ...] | None = None
@@ -206,11 +205,12 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
     worker = {"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
               "torch_threads": pool.threads, "classifier": surrogate["classifier"],
               "staging": str(staging.path), "batch_size": cfg.batch_size}
+    record_skips = functools.partial(commit_skips, staging=str(staging.path))  # whichever stage decodes
     if pool.decodes:
-        worker.update(decode=decode, root=source.decode_root)
+        worker.update(decode=decode, root=source.decode_root, on_skip=record_skips)
         parts = rows
     else:  # a part's decoded images are held at once: bounded in bytes
-        parts = source.decode(rows, decode, cfg.rows_per_block, functools.partial(commit_skips, staging=str(staging.path)))
+        parts = source.decode(rows, decode, cfg.rows_per_block, record_skips)
         part = min(part, max(cfg.batch_size, DECODED_PART_BYTES // decode.bytes_per_image()))
     commits = parts.map_batches(ExtractWorker, fn_constructor_kwargs=worker, batch_size=part,
                                 **pool.map_batches_kwargs(), batch_format="numpy")

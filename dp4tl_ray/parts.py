@@ -89,9 +89,9 @@ class PartStaging:
                 require_columns(f.schema_arrow, ["id"], part, fix)
                 part_ids[part] = f.read(columns=["id"]).column("id").to_numpy()
         ids = _sorted_ids(part_ids)
-        if ids.size > 1 and not (np.diff(ids) > 0).all():
+        if _repeats(ids):
             ids = _sorted_ids(_drop_redundant_parts(part_ids))
-        if ids.size > 1 and not (np.diff(ids) > 0).all():
+        if _repeats(ids):
             raise UserError(f"{self.path}: a row id is in two parts (files changed by hand?); delete it and extract again")
         return ids
 
@@ -134,6 +134,11 @@ class PartStaging:
 
 def _sorted_ids(part_ids: dict[Path, np.ndarray]) -> np.ndarray:
     return np.sort(np.concatenate(list(part_ids.values()))) if part_ids else np.zeros(0, np.int64)
+
+
+def _repeats(sorted_ids: np.ndarray) -> bool:
+    """Whether an id occurs twice in ``sorted_ids``."""
+    return sorted_ids.size > 1 and not (np.diff(sorted_ids) > 0).all()
 
 
 def _drop_redundant_parts(part_ids: dict[Path, np.ndarray]) -> dict[Path, np.ndarray]:
