@@ -54,21 +54,29 @@ class Progress:
 
     ``every_s`` > 0 prints at most one line per that many seconds, and always the line that reaches ``total``.
     ``rate_unit`` None prints no rate (an epoch's own images/s is a field) but still estimates the ETA.
+    ``rate_from_first`` measures the rate (and the ETA) from the first update on: for a stage of many
+    small steps behind a fixed start-up (an extraction's parts, after its actors have started), whose
+    start-up would make the early ETAs many times too long; the first line then shows neither, the
+    last one the rate since the printer was made, as its "took" is.
     """
 
     def __init__(self, stage: str, total: int | None = None, unit: str = "", rate_unit: str | None = None,
                  start: int = 0, every_s: float = 0.0, out: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, rate_from_first: bool = False):
         self.stage, self.total, self.unit, self.rate_unit = stage, total, unit, rate_unit
         self.start, self.every_s, self.out, self.clock = start, every_s, out, clock
         self.t0 = clock()
+        self.pace_origin: tuple[float, int] | None = None if rate_from_first else (self.t0, start)
         self.last_printed: float | None = None
         self.last_done: int | None = None
 
-    def rate(self, done: int, now: float) -> float | None:
-        """Work per second since the printer was made; None before any work or time has passed."""
-        elapsed = now - self.t0
-        return (done - self.start) / elapsed if elapsed > 0 and done > self.start else None
+    def rate(self, done: int, now: float, since_made: bool = False) -> float | None:
+        """Work per second since the printer was made (or its first update); None before any work or time."""
+        origin = (self.t0, self.start) if since_made else self.pace_origin
+        if origin is None:
+            return None
+        elapsed = now - origin[0]
+        return (done - origin[1]) / elapsed if elapsed > 0 and done > origin[1] else None
 
     def eta_s(self, done: int, now: float) -> float | None:
         """Seconds left at the current rate; None without a total or a rate."""
@@ -81,9 +89,10 @@ class Progress:
         text = f"{count} {self.unit}".rstrip()
         if self.total:
             text += f" ({100 * done / self.total:.0f}%)"
-        rate, eta = self.rate(done, now), self.eta_s(done, now)
+        last = final or (self.total is not None and done >= self.total)
+        rate, eta = self.rate(done, now, since_made=last), self.eta_s(done, now)
         head = {self.rate_unit: rate} if self.rate_unit and rate is not None else {}
-        if final or (self.total is not None and done >= self.total):
+        if last:
             head["took"] = format_duration(now - self.t0)
         elif eta is not None:
             head["ETA"] = format_duration(eta)
@@ -93,6 +102,8 @@ class Progress:
     def update(self, done: int, **fields: Any) -> str | None:
         """Record that ``done`` units are done and print the line (unless throttled); returns it."""
         now = self.clock()
+        if self.pace_origin is None:
+            self.pace_origin = (now, done)
         final = self.total is not None and done >= self.total
         if not final and self.last_printed is not None and now - self.last_printed < self.every_s:
             return None

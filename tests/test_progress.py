@@ -36,6 +36,21 @@ def test_work_done_before_the_printer_does_not_count_in_the_rate():
     assert p.update(800) == "[extract] 800/1,000 rows (80%) | 50 images/s | ETA 4s"
 
 
+def test_a_start_up_before_the_first_update_stays_out_of_the_rate_and_eta_when_asked():
+    clock = Clock()
+    p = Progress("extract", total=6000, unit="rows", rate_unit="images/s", start=3000, out=io.StringIO(),
+                 clock=clock, rate_from_first=True)
+    clock.t += 5  # the actors start: no rows yet
+    assert p.update(3100) == "[extract] 3,100/6,000 rows (52%)"  # one point: no pace yet
+    clock.t += 2
+    # 1,000 rows in the 2 s since the first update -> 500 images/s; 1,900 left -> 4 s (counting the
+    # start-up, 1,100 rows in 7 s would say 12 s)
+    assert p.update(4100) == "[extract] 4,100/6,000 rows (68%) | 500 images/s | ETA 4s"
+    clock.t += 5
+    # the last line: the rate since the printer was made, as "took" counts (3,000 rows in 12 s)
+    assert p.update(6000) == "[extract] 6,000/6,000 rows (100%) | 250 images/s | took 12s"
+
+
 def test_last_line_says_how_long_it_took_and_carries_fields():
     clock = Clock()
     p = Progress("surrogate resnet18", total=4, unit="epochs", out=io.StringIO(), clock=clock)
