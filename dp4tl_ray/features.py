@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from dp4tl_ray import atomic
 from dp4tl_ray.data.decode import DecodeSpec, decode_batch
+from dp4tl_ray.data.device_decode import decode_batch_on_device
 from dp4tl_ray.data.source import open_source
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore, feature_table
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STORE_FORMAT = 1
+JPEG_DECODERS = ("pil", "torchvision")
 
 
 class SurrogateEmbedder:
@@ -69,8 +71,10 @@ class SurrogateEmbedder:
         torch = self.torch
         from dp4tl_ray.models import to_model_input
 
-        x = to_model_input(torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])), self.device,
-                           non_blocking=True, channels_last=self.device.type == "cuda")
+        images = batch["image"]  # uint8 NHWC: numpy from a CPU decode, a tensor on our device from decode_batch_on_device
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        x = to_model_input(images, self.device, non_blocking=True, channels_last=self.device.type == "cuda")
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             feats = self.model.features(x)
             logits = self.model.net.fc(feats) if self.topk else feats[:, :0]
@@ -82,22 +86,27 @@ class SurrogateEmbedder:
 class ExtractWorker(SurrogateEmbedder):
     """Ray Data callable class: one part's rows in, its feature rows committed as a part, ``rows`` out.
 
-    With ``decode`` (CPU pools) the rows are undecoded (``id, label`` and ``path`` or ``image``
-    bytes) and the actor decodes them itself, ``batch_size`` at a time, handing the unreadable images
-    to ``on_skip``; without it (GPU pools) they come decoded from CPU tasks. A part is written by
-    the actor that computed it (temp + rename), so a kill loses only the parts in flight."""
+    With ``decode`` (CPU pools, or ``jpeg_decoder="torchvision"``) the rows are undecoded (``id,
+    label`` and ``path`` or ``image`` bytes) and the actor decodes them itself, ``batch_size`` at a
+    time - with PIL, or with ``device_decode`` torchvision's decoder on its own device (nvjpeg on a
+    GPU) - handing the unreadable images to ``on_skip``; without it (GPU pools) they come decoded
+    from CPU tasks. A part is written by the actor that computed it (temp + rename), so a kill loses
+    only the parts in flight."""
 
     def __init__(self, *, staging: str, batch_size: int, decode: DecodeSpec | None = None, root: str | None = None,
-                 on_skip=None, **embedder):
+                 on_skip=None, device_decode: bool = False, **embedder):
         super().__init__(**embedder)
         self.staging, self.batch_size = staging, batch_size
-        self.decode, self.root, self.on_skip = decode, root, on_skip
+        self.decode, self.root, self.on_skip, self.device_decode = decode, root, on_skip, device_decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tables = []
         for start in range(0, len(batch["id"]), self.batch_size):
             rows = {k: v[start:start + self.batch_size] for k, v in batch.items()}
-            if self.decode is not None:
+            if self.device_decode:
+                rows = decode_batch_on_device(rows, spec=self.decode, device=self.device, root=self.root,
+                                              on_skip=self.on_skip)
+            elif self.decode is not None:
                 rows = decode_batch(rows, spec=self.decode, root=self.root, on_skip=self.on_skip)
             if len(rows["id"]):
                 tables.append(super().__call__(rows))
@@ -124,7 +133,8 @@ class ExtractConfig:
     batch_size: int = 128
     num_actors: int | None = None  # default: number of GPUs, else one per CPU (see InferencePool)
     rows_per_block: int = 256  # rows per decode task (where CPU tasks decode; where the actors do, a block is a part)
-    decode_in_actors: bool | None = None  # CPU pools: default yes; GPU pools never (CPU tasks decode for the GPU)
+    decode_in_actors: bool | None = None  # CPU pools: default yes; GPU pools only with jpeg_decoder torchvision
+    jpeg_decoder: str = "pil"  # pil (CPU stage) | torchvision (torchvision.io in the model actors: nvjpeg on a GPU)
     seed: int = 0
     mean: tuple[float, ...] | None = None  # default: the checkpoint's, else ImageNet's
     std: tuple[float, ...] | None = None
@@ -138,6 +148,10 @@ class ExtractConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_actors is not None and self.num_actors < 1:
             raise UserError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.jpeg_decoder not in JPEG_DECODERS:
+            raise UserError(f"jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}, got {self.jpeg_decoder!r}")
+        if self.jpeg_decoder != "pil" and self.decode_in_actors is False:
+            raise UserError("jpeg_decoder torchvision decodes in the model actors: drop decode_in_actors false")
         self.decode_spec()
 
 
@@ -178,6 +192,8 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
     decode = cfg.decode_spec()
     key_doc = {"format": STORE_FORMAT, "surrogate": surrogate, "source_fingerprint": fingerprint,
                "decode": asdict(decode), "topk": cfg.topk}
+    if cfg.jpeg_decoder != "pil":  # other pixels, other features (PIL stores keep the key they always had)
+        key_doc["jpeg_decoder"] = cfg.jpeg_decoder
     store_key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()
     out = Path(cfg.out)
     if (out / MANIFEST).is_file():
@@ -198,16 +214,18 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
     # sized for the parts left: a resumed run near its end needs no more actors than it has parts
     pool = InferencePool.plan(cfg.num_actors, max_inputs=max(1, -(-(n_rows - done.size) // part)),
                               decodes=cfg.decode_in_actors is not False)
+    device_decode = cfg.jpeg_decoder == "torchvision"
+    actors_decode = pool.decodes or device_decode
 
     # A block of a folder's rows is one part where the actors decode: Ray Data hands an actor whole blocks, so
     # larger ones would leave actors idle on a small source.
-    rows = source.rows(part if pool.decodes else cfg.rows_per_block, exclude=done)
+    rows = source.rows(part if actors_decode else cfg.rows_per_block, exclude=done)
     worker = {"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
               "torch_threads": pool.threads, "classifier": surrogate["classifier"],
               "staging": str(staging.path), "batch_size": cfg.batch_size}
     record_skips = functools.partial(commit_skips, staging=str(staging.path))  # whichever stage decodes
-    if pool.decodes:
-        worker.update(decode=decode, root=source.decode_root, on_skip=record_skips)
+    if actors_decode:
+        worker.update(decode=decode, root=source.decode_root, on_skip=record_skips, device_decode=device_decode)
         parts = rows
     else:  # a part's decoded images are held at once: bounded in bytes
         parts = source.decode(rows, decode, cfg.rows_per_block, record_skips)
@@ -217,7 +235,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
     if done.size < n_rows:  # else a kill came after every part was committed: only the assembly is left
         run, new_rows, t0 = staging.new_run(), 0, time.perf_counter()
         shown = Progress(f"extract {out.name}", total=n_rows, unit="rows", rate_unit="images/s", start=done.size,
-                         every_s=EVERY_S)
+                         every_s=EVERY_S, rate_from_first=True)  # ETAs from the parts' pace, not the actors' start
         for commit in commits.iter_rows():
             new_rows += int(commit["rows"])
             staging.record_run(run, time.perf_counter() - t0, new_rows)
@@ -240,7 +258,8 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
         "num_rows": written,
         "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
         "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
-        "decoded_by": "model actors" if pool.decodes else "cpu tasks",
+        "decoded_by": ("model actors (torchvision)" if device_decode else "model actors" if actors_decode
+                       else "cpu tasks"),
         "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     staging.assemble(out, manifest)

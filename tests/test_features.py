@@ -56,6 +56,22 @@ def test_decode_tasks_feeding_the_actors_give_the_same_store(folder_store, synth
     assert skipped[0] == skipped[1] and skipped[0]
 
 
+def test_the_torchvision_jpeg_decoder_gives_the_same_rows_and_features_under_a_key_of_its_own(folder_store, synth_dirty,
+                                                                                              tmp_path):
+    """``jpeg_decoder: torchvision`` (nvjpeg in GPU actors; on CPU torchvision's own decoder, the same path): the
+    rows and skipped files of PIL's stage, features as close as the pixels (here not resized: equal), and a key
+    of its own, since resized pixels would differ."""
+    store = extract_features(_cfg(synth_dirty.source_dir, tmp_path / "store", jpeg_decoder="torchvision"),
+                             progress=False)
+    assert store.manifest["decoded_by"] == "model actors (torchvision)"
+    assert store.manifest["store_key"] != folder_store.manifest["store_key"]
+    (ids_a, _, feats_a, topk_a), (ids_b, _, feats_b, topk_b) = folder_store.arrays(), store.arrays()
+    assert ids_a.tolist() == ids_b.tolist()
+    assert np.einsum("ij,ij->i", feats_a, feats_b).min() > 0.999 and (topk_a[:, 0] == topk_b[:, 0]).mean() > 0.95
+    skipped = [[(r["id"], r["path"]) for r in st.manifest["skipped"]] for st in (folder_store, store)]
+    assert skipped[0] == skipped[1] and skipped[0]
+
+
 def test_features_equal_a_direct_forward_pass(folder_store, synth_dirty):
     from dp4tl_ray.data.decode import DecodeSpec, decode_image
 
@@ -113,6 +129,10 @@ def test_bad_inputs_are_one_line_errors(ray_local, synth_dirty, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="batch_size"):
         extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", batch_size=0))
+    with pytest.raises(UserError, match="jpeg_decoder must be one of pil, torchvision, got 'nvjpeg'"):
+        extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", jpeg_decoder="nvjpeg"))
+    with pytest.raises(UserError, match="drop decode_in_actors false"):
+        extract_features(_cfg(synth_dirty.source_dir, tmp_path / "o", jpeg_decoder="torchvision", decode_in_actors=False))
     assert not (tmp_path / "o").exists()
 
 

@@ -9,6 +9,7 @@ lists exactly what was skipped.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -80,16 +81,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | 
     ids, labels = batch["id"], batch["label"]
     keep, images, bad = [], [], []
     for i in range(len(ids)):
-        where = str(batch["path"][i]) if "path" in batch else f"id={int(ids[i])}"
+        where = row_where(batch, i)
         try:
-            if "image" in batch:
-                data = batch["image"][i]
-            else:
-                data = (Path(root) / where).read_bytes()
-            images.append(decode_image(data, spec))
+            images.append(decode_image(encoded_bytes(batch, i, where, root), spec))
             keep.append(i)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and recorded
-            bad.append((int(ids[i]), where, f"{type(e).__name__}: {e}"[:200]))
+            bad.append((int(ids[i]), where, skip_reason(e)))
     if bad and on_skip is not None:
         on_skip(bad)
     keep_idx = np.asarray(keep, dtype=np.int64)
@@ -98,6 +95,22 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: DecodeSpec, root: str | 
         "label": np.asarray(labels)[keep_idx].astype(np.int32),
         "image": stack_images(images) if images else np.zeros((0, spec.size, spec.size, 3), np.uint8),
     }
+
+
+def skip_reason(error: Exception) -> str:
+    """A skip record's reason: the error's type and text, without the object addresses PIL puts in it
+    (``<_io.BytesIO object at 0x...>``), so two runs record the same text for the same file."""
+    return re.sub(r" object at 0x[0-9a-fA-F]+", " object", f"{type(error).__name__}: {error}")[:200]
+
+
+def row_where(batch: dict[str, np.ndarray], i: int) -> str:
+    """How a skip record names row ``i``: its path (folder rows), else its id (parquet rows)."""
+    return str(batch["path"][i]) if "path" in batch else f"id={int(batch['id'][i])}"
+
+
+def encoded_bytes(batch: dict[str, np.ndarray], i: int, where: str, root: str | None) -> bytes:
+    """Row ``i``'s encoded image: its ``image`` bytes, else the file at ``root / where``."""
+    return batch["image"][i] if "image" in batch else (Path(root) / where).read_bytes()
 
 
 def stack_images(images) -> np.ndarray:
