@@ -17,7 +17,8 @@ call, as it imports torch before the loop's):
 ``steady_ratio`` = Ray's steady rate / the plain loop's; ``ratio`` is the end-to-end one (start-up
 and the final write included). Optionally (default on) it also times the decode stage alone on
 photo-sized JPEGs, full-size vs re-encoded at ``--max-side`` (``dp4tl data shard --max-side``).
-Prints one JSON line.
+Prints one JSON line. ``--decoders`` prints another figure instead, P1-decoders (extraction at 224 px,
+PIL vs torchvision's JPEG decoder - nvjpeg where there is a GPU - against the CPU decode ceiling).
 """
 
 from __future__ import annotations
@@ -137,6 +138,42 @@ def decode_figures(work: Path, photo_size: int, max_side: int, quality: int) -> 
             "decode_speedup": round(small / full, 2)}
 
 
+def decoder_figure(args, work: Path) -> dict:
+    """P1-decoders: extraction at 224 px (resize 256) of photo-sized JPEG shards with each JPEG decoder - PIL
+    (CPU tasks beside GPU actors; in the actors on a CPU pool) and torchvision's in the model actors (nvjpeg
+    on a GPU) - against the node's CPU decode ceiling (one core's decode rate x its cores). Needs a fresh
+    Ray (``ray.init`` here); each decoder's whole extraction call is timed, start-up included."""
+    import ray
+
+    from dp4tl_ray.pool import InferencePool
+
+    synth = generate(SynthConfig(root=str(work / "photos224"), num_domains=max(1, args.decoder_classes // 5),
+                                 classes_per_domain=5, images_per_class=args.decoder_images_per_class,
+                                 image_size=args.photo_size, tasks=0, seed=2))
+    shards = shard_image_folder(scan_image_folder(synth.source_dir), work / "photos224-shards").root
+    n = len(scan_image_folder(synth.source_dir))
+    per_core, side = decode_rate(Path(shards), DecodeSpec.for_size(224))
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    rates = {}
+    for decoder in ("pil", "torchvision"):
+        cfg = ExtractConfig(source=str(shards), out=str(work / f"decoders-{decoder}"), arch=args.decoder_arch,
+                            image_size=224, batch_size=args.decoder_batch_size, topk=5, jpeg_decoder=decoder)
+        t0 = time.perf_counter()
+        store = extract_features(cfg, progress=False)
+        rates[decoder] = store.num_rows / (time.perf_counter() - t0)
+    pool = InferencePool.plan(decodes=True)
+    ray.shutdown()
+    ceiling = per_core * args.cpus
+    return {"figure": "P1-decoders", "device": "gpu" if gpus else "cpu", "gpus": gpus, "cpus": args.cpus,
+            "images": n, "photo_side": side, "size": 224, "arch": args.decoder_arch,
+            "pil_img_s": round(rates["pil"], 1), "torchvision_img_s": round(rates["torchvision"], 1),
+            "torchvision_vs_pil": round(rates["torchvision"] / rates["pil"], 3),
+            "cpu_decode_per_core_img_s": round(per_core, 1), "cpu_decode_ceiling_img_s": round(ceiling, 1),
+            "pil_vs_ceiling": round(rates["pil"] / ceiling, 3), "torchvision_vs_ceiling": round(rates["torchvision"] / ceiling, 3),
+            "actors": pool.size, "note": "whole extraction calls (start-up included); PIL's ceiling: the node's cores decoding"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=20)  # 20 x 600 = 12k images: >= 10k in the steady window
@@ -151,7 +188,16 @@ def main() -> None:
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--no-decode", action="store_true", help="skip the decode-per-core figures")
     p.add_argument("--work", type=Path, default=None, help="where to generate data (default: a temp dir)")
+    p.add_argument("--decoders", action="store_true",
+                   help="instead: P1-decoders, extraction at 224 px with PIL vs torchvision's JPEG decoder (nvjpeg on a GPU)")
+    p.add_argument("--decoder-classes", type=int, default=20)
+    p.add_argument("--decoder-images-per-class", type=int, default=100)
+    p.add_argument("--decoder-arch", default="resnet18")
+    p.add_argument("--decoder-batch-size", type=int, default=128)
     args = p.parse_args()
+    if args.decoders:
+        print(json.dumps(decoder_figure(args, args.work or Path(tempfile.mkdtemp(prefix="p1d-")))))
+        return
 
     import ray
     import ray.data  # noqa: F401 - a library import, outside the timed window like torch's for the loop

@@ -23,9 +23,13 @@ P4: the speed-up of pretraining on a keep-set that prunes 80% of the source clas
     less the larger the source, so the end-to-end figure grows with it. Each run's Train start-up
     (``pretrain()`` called -> first epoch, decode cache excluded), decode cache and the rest
     (checkpoints, teardown) are reported separately.
+P3-ceiling (with ``--gpu``, or ``--only ceiling``): pretraining at 224 px (resnet50; bf16 and
+    channels_last on a GPU) streamed from JPEG shards, decoded every epoch, against the same training
+    step fed a synthetic batch already on the device, the compute ceiling: ``gpu_img_s`` and
+    ``gpu_ceiling_img_s`` (``cpu_*`` on a CPU run), and their ``ratio``.
 On a shared machine wall times follow the load; both figures also give a CPU-time cross-check
 (``cpu_ratio``, ``cpu_speedup_*``): the training process's CPU seconds per epoch.
-Prints two JSON lines.
+Prints a JSON line per figure.
 """
 
 from __future__ import annotations
@@ -238,6 +242,58 @@ def p4_figure(args, work: Path, threads: int) -> dict:
         "epochs": args.p4_epochs, "load_1min": {str(k): round(v, 2) for k, v in load.items()}}
 
 
+def ceiling_images_per_s(cfg: PretrainConfig, num_classes: int, steps: int) -> float:
+    """The compute ceiling: the library's training step (``train_one_epoch``: same model, optimizer, bf16
+    autocast and channels_last on CUDA) fed one synthetic batch already on the device, ``steps`` times."""
+    from dp4tl_ray.train.loops import METHODS, train_one_epoch
+
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    method = METHODS["supervised"]
+    model = method.build(ModelSpec(cfg.arch, num_classes, cfg.small_input), cfg).to(device)
+    if cfg.use_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8,
+                                    generator=gen).to(device),
+             "label": torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(device)}
+    remap = torch.arange(num_classes, device=device)
+    train_one_epoch(model, method, opt, [batch] * 3, remap, cfg, device, drop_last=False)  # warm-up (cuDNN plans)
+    if cfg.use_gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    seen, _ = train_one_epoch(model, method, opt, [batch] * steps, remap, cfg, device, drop_last=False)
+    if cfg.use_gpu:
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def ceiling_figure(args, work: Path, threads: int) -> dict:
+    """P3-ceiling: pretraining at ``--ceiling-size`` px (resnet50 by default; on a GPU bf16 and channels_last)
+    streamed from JPEG shards through Ray Train - decoded and augmented by Ray Data every epoch, no decode
+    cache - against the same step fed a synthetic batch already on the device (the compute ceiling)."""
+    from dp4tl_ray.data.parquet import shard_image_folder
+
+    dev = "gpu" if args.gpu else "cpu"
+    synth = generate(SynthConfig(root=str(work / "ceiling"), num_domains=max(1, args.ceiling_classes // 5),
+                                 classes_per_domain=5, images_per_class=args.ceiling_images_per_class,
+                                 image_size=args.ceiling_photo_size, tasks=0, seed=3))
+    index = scan_image_folder(synth.source_dir)
+    shards = shard_image_folder(index, work / "ceiling-shards").root
+    cfg = PretrainConfig(source=str(shards), out=str(work / "runs"), name="ceiling", arch=args.arch,
+                         image_size=args.ceiling_size, epochs=args.ceiling_epochs, batch_size=args.ceiling_batch_size,
+                         lr=0.1, cpus_per_worker=1 if args.gpu else threads, shuffle_buffer=0, use_gpu=args.gpu,
+                         cache_decoded="false")
+    run = pretrain(cfg)
+    streamed = statistics.median(h["images_per_s"] for h in run.history[1:])
+    ceiling = ceiling_images_per_s(cfg, len(index.classes), args.ceiling_steps)
+    return {"figure": "P3-ceiling", "device": dev, f"{dev}_img_s": round(streamed, 1),
+            f"{dev}_ceiling_img_s": round(ceiling, 1), "ratio": round(streamed / ceiling, 3),
+            "epochs_img_s": [round(h["images_per_s"], 1) for h in run.history], "arch": args.arch,
+            "size": args.ceiling_size, "batch_size": args.ceiling_batch_size, "images": len(index),
+            "photo_side": args.ceiling_photo_size, "cpus": args.cpus, "source": "parquet JPEG shards, decoded every epoch"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=20, help="P3 source classes")
@@ -258,18 +314,28 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--gpu", action="store_true", help="train on the GPU (both loops: bf16 autocast, channels_last)")
-    ap.add_argument("--only", choices=("P3", "P4"), help="measure one figure")
+    ap.add_argument("--only", choices=("P3", "P4", "ceiling"),
+                    help="measure one figure (P3-ceiling runs by default only with --gpu)")
+    ap.add_argument("--ceiling-size", type=int, default=224, help="P3-ceiling's training image size")
+    ap.add_argument("--ceiling-photo-size", type=int, default=320, help="P3-ceiling's JPEG side (resized for training)")
+    ap.add_argument("--ceiling-classes", type=int, default=20)
+    ap.add_argument("--ceiling-images-per-class", type=int, default=200, help="20 x 200: 15 batches of 256 an epoch")
+    ap.add_argument("--ceiling-batch-size", type=int, default=256)
+    ap.add_argument("--ceiling-epochs", type=int, default=4)
+    ap.add_argument("--ceiling-steps", type=int, default=30, help="timed steps of the ceiling loop")
     args = ap.parse_args()
     if args.cpus < 2:
         ap.error("--cpus must be >= 2: one for the training worker, the rest for data")
+    if args.gpu and not torch.cuda.is_available():
+        ap.error("--gpu needs a CUDA GPU, and torch sees none here")
 
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="p34-"))
     threads = max(1, args.cpus - 1)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    for figure, measure in (("P3", p3_figure), ("P4", p4_figure)):
-        if args.only in (None, figure):
+    for figure, measure in (("P3", p3_figure), ("P4", p4_figure), ("ceiling", ceiling_figure)):
+        if args.only == figure or (args.only is None and (figure != "ceiling" or args.gpu)):
             print(json.dumps(measure(args, work, threads)), flush=True)
     ray.shutdown()
 
