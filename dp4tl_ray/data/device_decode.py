@@ -48,7 +48,8 @@ def _decode_jpegs(data: list[bytes], device: torch.device) -> list[torch.Tensor 
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the deprecation notice, once per call
+        # torchvision 0.29's notice that its decoders move to TorchCodec, raised on every call
+        warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
