@@ -212,19 +212,18 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
     ctx.enable_progress_bars = progress
     part = part_rows(n_rows, cfg.batch_size)
     # sized for the parts left: a resumed run near its end needs no more actors than it has parts
-    pool = InferencePool.plan(cfg.num_actors, max_inputs=max(1, -(-(n_rows - done.size) // part)),
-                              decodes=cfg.decode_in_actors is not False)
     device_decode = cfg.jpeg_decoder == "torchvision"
-    actors_decode = pool.decodes or device_decode
+    pool = InferencePool.plan(cfg.num_actors, max_inputs=max(1, -(-(n_rows - done.size) // part)),
+                              decodes=cfg.decode_in_actors is not False, gpu_decodes=device_decode)
 
     # A block of a folder's rows is one part where the actors decode: Ray Data hands an actor whole blocks, so
     # larger ones would leave actors idle on a small source.
-    rows = source.rows(part if actors_decode else cfg.rows_per_block, exclude=done)
+    rows = source.rows(part if pool.decodes else cfg.rows_per_block, exclude=done)
     worker = {"spec": spec, "checkpoint": cfg.checkpoint, "topk": cfg.topk, "seed": cfg.seed,
               "torch_threads": pool.threads, "classifier": surrogate["classifier"],
               "staging": str(staging.path), "batch_size": cfg.batch_size}
     record_skips = functools.partial(commit_skips, staging=str(staging.path))  # whichever stage decodes
-    if actors_decode:
+    if pool.decodes:
         worker.update(decode=decode, root=source.decode_root, on_skip=record_skips, device_decode=device_decode)
         parts = rows
     else:  # a part's decoded images are held at once: bounded in bytes
@@ -258,7 +257,7 @@ def extract_features(cfg: ExtractConfig, progress: bool = False) -> FeatureStore
         "num_rows": written,
         "num_inputs": n_rows, "classes": classes, "skipped": skipped, "seconds": round(seconds, 3),
         "images_per_s": round(written / max(seconds, 1e-9), 2), "num_actors": pool.size, "device": "gpu" if pool.gpus else "cpu",
-        "decoded_by": ("model actors (torchvision)" if device_decode else "model actors" if actors_decode
+        "decoded_by": ("model actors (torchvision)" if device_decode else "model actors" if pool.decodes
                        else "cpu tasks"),
         "runs": runs, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

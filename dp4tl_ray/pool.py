@@ -23,13 +23,15 @@ class InferencePool:
     threads: int  # torch threads per actor (CPU actors)
     gpus: int
     cpus_per_actor: float = 0.0  # CPU reservation per actor (CPU actors)
-    decodes: bool = False  # the actors decode their inputs themselves (CPU pools asked to)
+    decodes: bool = False  # the actors decode their inputs themselves
 
     @classmethod
-    def plan(cls, num_actors: int | None = None, max_inputs: int | None = None, decodes: bool = False) -> InferencePool:
+    def plan(cls, num_actors: int | None = None, max_inputs: int | None = None, decodes: bool = False,
+             gpu_decodes: bool = False) -> InferencePool:
         """The pool for this cluster; by default no larger than ``max_inputs`` (batches to process),
-        as an actor that gets no batch only costs its start-up. ``decodes``: a CPU pool may decode
-        its own inputs (a GPU pool never does: CPU tasks decode for it, so the GPU does not wait)."""
+        as an actor that gets no batch only costs its start-up. ``decodes``: a CPU pool's actors decode
+        their own inputs; ``gpu_decodes``: a GPU pool's do (with a decoder that runs on the GPU; else CPU
+        tasks decode for it, so the GPU does not wait on a CPU decode)."""
         import ray
 
         resources = ray.cluster_resources()
@@ -37,7 +39,7 @@ class InferencePool:
         if not num_actors and max_inputs:
             num_actors = min(gpus or cpus, max_inputs)
         if gpus:
-            return cls(num_actors or gpus, 1, gpus)
+            return cls(num_actors or gpus, 1, gpus, decodes=gpu_decodes)
         return cpu_pool(cpus, num_actors, decodes)
 
     def map_batches_kwargs(self) -> dict[str, Any]:

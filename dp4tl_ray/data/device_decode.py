@@ -72,12 +72,13 @@ def decode_batch_on_device(batch: dict[str, np.ndarray], *, spec: DecodeSpec, de
     if not spec.crop:
         raise ValueError("device decode is for extraction (centre-cropped images)")
     ids = np.asarray(batch["id"])
-    rows, data, bad = [], [], []
+    rows, wheres, data, bad = [], [], [], []
     for i in range(len(ids)):
         where = row_where(batch, i)
         try:
             data.append(encoded_bytes(batch, i, where, root))
             rows.append(i)
+            wheres.append(where)
         except OSError as e:
             bad.append((int(ids[i]), where, skip_reason(e)))
     jpeg = [k for k, d in enumerate(data) if d[:3] == JPEG_MAGIC]
@@ -90,7 +91,7 @@ def decode_batch_on_device(batch: dict[str, np.ndarray], *, spec: DecodeSpec, de
             try:
                 decoded[k] = torch.from_numpy(decode_image(data[k], spec).copy()).to(device)
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and recorded
-                bad.append((int(ids[i]), row_where(batch, i), skip_reason(e)))
+                bad.append((int(ids[i]), wheres[k], skip_reason(e)))
                 continue
         keep.append(k)
     if bad and on_skip is not None:
