@@ -203,10 +203,10 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
     if address:
         ray.init()
     else:
-        # Runs on an embedded local Ray are small: Train's controller polls its workers every 0.5 s, not its
-        # default 2 s, which each run waits out at its start and after its last report. Ray's processes
-        # inherit this; a user's own setting wins.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        # An embedded local Ray is one node that nothing drains: Train's preemption watcher (an actor each run
+        # starts, polling for node drains) has nothing to watch, and its process costs every run ~1 CPU-s.
+        # Ray's processes inherit this; a user's own setting wins. (The controller's poll: trainer._fit.)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cpus = os.cpu_count() or 2
         ray.init(address="local", num_cpus=cpus, resources={TRIAL_RESOURCE: cpus}, include_dashboard=False,
                  log_to_driver=worker_logs)

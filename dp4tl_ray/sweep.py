@@ -683,19 +683,28 @@ def _trial_resources(cluster: dict[str, float]) -> dict[str, float]:
     return {"CPU": 0, TRIAL_RESOURCE: 1} if cluster.get(TRIAL_RESOURCE) else {"CPU": 0.01}
 
 
-def concurrent_trials(cluster: dict[str, float], pretrain, n_trials: int) -> int:
+def concurrent_trials(cluster: dict[str, float], pretrain, n_trials: int, cached: bool = False) -> int:
     """How many trials fit at once, each pretraining as ``pretrain`` (a PretrainConfig) says: GPU runs by
     GPUs (or, on an autoscaling cluster with none up yet, by trial driver slots); CPU runs by workers x
-    CPUs plus one CPU for each run's data loading."""
+    CPUs, plus one CPU for each run's data loading when its images stream. A run whose decoded keep-set
+    is cached (``cached``) loads nothing while it trains - its workers augment their share themselves -
+    so it reserves no data CPU: the decode before its fit runs on the CPUs its own workers take next
+    (at least one), which no other trial holds."""
     workers = pretrain.num_workers
     slots = int(cluster.get(TRIAL_RESOURCE, 0)) or n_trials
     if pretrain.use_gpu:
         gpus = int(cluster.get("GPU", 0))
         n = gpus // workers if gpus else slots
     else:
-        need = workers * float(pretrain.cpus_per_worker) + 1
+        held = workers * float(pretrain.cpus_per_worker)
+        need = max(held, 1.0) if cached else held + 1
         n = int(float(cluster.get("CPU", 1)) // need)
     return max(1, min(n, slots, n_trials))
+
+
+def _mode_cached(shared: Shared, mode: str) -> bool:
+    """Whether the trials pretraining in ``mode`` cache their decoded keep-set (the sweep's data path)."""
+    return all(t.cache_decoded for t in shared.trials if t.mode == mode)
 
 
 def build_scheduler(plan: SweepPlan):
@@ -777,8 +786,8 @@ def run_sweep(plan: SweepPlan, verbose: bool = False) -> dict[str, Any]:
     shared = prepare(plan)
     _check_same_sweep(plan, shared)
     cluster = ray.cluster_resources()
-    n = sw.max_concurrent_trials or min(concurrent_trials(cluster, plan.settings("pretrain", m), len(shared.trials))
-                                        for m in sw.modes)
+    n = sw.max_concurrent_trials or min(concurrent_trials(cluster, plan.settings("pretrain", m), len(shared.trials),
+                                                          cached=_mode_cached(shared, m)) for m in sw.modes)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, shared=shared), _trial_resources(cluster))
     print(f"[sweep] {len(shared.trials)} trials, {n} at a time -> {sw.path}")
     use_classic_output()  # before the Tuner is made: the one engine that takes the status table's columns
@@ -789,7 +798,7 @@ def run_sweep(plan: SweepPlan, verbose: bool = False) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([t.to_param() for t in shared.trials])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=n, scheduler=build_scheduler(plan),
+            tune_config=tune.TuneConfig(max_concurrent_trials=n, scheduler=build_scheduler(plan), reuse_actors=True,
                                         trial_name_creator=lambda t: t.config["trial"]["key"],
                                         trial_dirname_creator=lambda t: f"{t.trial_id}-{t.config['trial']['key']}"),
             run_config=tune.RunConfig(name=sw.name, storage_path=sw.path.rsplit("/", 1)[0], progress_reporter=status_table(),

@@ -1,4 +1,5 @@
-"""A worker's in-memory share of a cached keep-set: every row once per epoch, reshuffled, augmented (no Ray)."""
+"""A worker's in-memory share of a cached keep-set: every row once per epoch, reshuffled, augmented (no Ray but
+the last test: how a cached keep-set is split into the workers' shares)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,23 @@ def test_an_epoch_is_reproducible_whatever_order_the_blocks_arrived_in():
     assert [int(i) for i in shuffled.columns["image"][:, 0, 0, 0]] == [0] * 3 + [3] * 3 + [6] * 3  # rows stay whole
     assert run(in_order, 0) == run(shuffled, 0) == run(shuffled, 0)
     assert run(shuffled, 1) != run(shuffled, 0)
+
+
+def test_a_cached_keepset_splits_into_equal_disjoint_worker_shares_read_from_its_blocks(ray_local):
+    import ray
+    import ray.data
+
+    from dp4tl_ray.train.trainer import cached_shards
+
+    ds = ray.data.range(10, override_num_blocks=4).map_batches(
+        lambda b: {"id": b["id"], "label": b["id"] % 3, "image": np.stack([np.full((2, 2, 3), i, np.uint8) for i in b["id"]])}
+    ).materialize()
+    whole = MemoryShard.from_tables(ray.get(cached_shards(ds, 1)[0]))
+    assert whole.columns["id"].tolist() == list(range(10)) and whole.columns["image"].shape == (10, 2, 2, 3)
+    assert [int(x) for x in whole.columns["image"][:, 0, 0, 0]] == list(range(10))  # each row's own pixels
+    shares = [MemoryShard.from_tables(ray.get(refs)) for refs in cached_shards(ds, 3)]
+    assert [len(s) for s in shares] == [3, 3, 3]  # equal (DDP ranks step together); the remainder row is left out
+    ids = np.concatenate([s.columns["id"] for s in shares])
+    assert len(set(ids.tolist())) == 9 and set(ids.tolist()) <= set(range(10))
+    for s in shares:
+        assert (s.columns["label"] == s.columns["id"] % 3).all()

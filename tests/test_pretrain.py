@@ -193,3 +193,20 @@ def test_the_decode_cache_prints_no_cpu_warning_on_a_healthy_cluster(ray_local, 
     finally:
         logger.removeHandler(handler)
     assert not [r.getMessage() for r in records if NO_CPU_WARNING in r.getMessage()]
+
+
+def test_the_train_controller_polls_small_runs_often_and_leaves_a_users_setting(monkeypatch):
+    from dp4tl_ray.train import trainer
+
+    assert trainer.controller_poll_s(1) == 0.25  # each start-up step and the run's end wait for a poll
+    assert 0.25 < trainer.controller_poll_s(16) < 2.0  # one call per worker: slower with more workers
+    assert trainer.controller_poll_s(256) == 2.0  # Ray's own default
+    monkeypatch.delenv(trainer.POLL_ENV, raising=False)
+    monkeypatch.setattr(trainer, "_poll_we_set", None)
+    trainer._set_controller_poll(1)
+    assert os.environ[trainer.POLL_ENV] == "0.25"
+    trainer._set_controller_poll(16)  # our own value follows the run's size
+    assert os.environ[trainer.POLL_ENV] == str(trainer.controller_poll_s(16))
+    monkeypatch.setenv(trainer.POLL_ENV, "3")  # a user's value is kept
+    trainer._set_controller_poll(1)
+    assert os.environ[trainer.POLL_ENV] == "3"

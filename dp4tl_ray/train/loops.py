@@ -86,9 +86,10 @@ class RunFacts:
     run_dir: str  # <storage>/<name>; local mode writes its checkpoints under it
 
 
-def loop_config(cfg: PretrainConfig, facts: RunFacts) -> dict[str, Any]:
-    """``train_loop_config`` for :func:`train_loop_per_worker`: plain values, rebuilt into the dataclasses there."""
-    return {"cfg": asdict(cfg), "facts": asdict(facts)}
+def loop_config(cfg: PretrainConfig, facts: RunFacts, shards: list[list] | None = None) -> dict[str, Any]:
+    """``train_loop_config`` for :func:`train_loop_per_worker`: plain values, rebuilt into the dataclasses there,
+    and with a cached keep-set each rank's Arrow block refs (:func:`~dp4tl_ray.train.trainer.cached_shards`)."""
+    return {"cfg": asdict(cfg), "facts": asdict(facts), "shards": shards}
 
 
 def _build_training(method: Method, cfg: PretrainConfig, spec: ModelSpec, cuda: bool, state: TrainState | None):
@@ -196,11 +197,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     # Full batches only where a short one breaks something: DDP ranks in step, MoCo's queue slots.
     drop_last = world > 1 or method.name == "moco_v2"
-    shard = ray.train.get_dataset_shard("train")
+    shard = None if facts.in_memory else ray.train.get_dataset_shard("train")
     held: list = []  # a cached keep-set: this worker's share of the decoded rows, read once (in the data thread)
 
     def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        if not facts.in_memory:  # augmented rows streamed by Ray Data, a new execution per epoch
+        if shard is not None:  # augmented rows streamed by Ray Data, a new execution per epoch
             return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=drop_last,
                                             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                             local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
@@ -208,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         from dp4tl_ray.train.memory_shard import MemoryShard
 
         if not held:
-            held.append(MemoryShard.from_batches(shard.iter_batches(batch_size=cfg.rows_per_block, batch_format="numpy")))
+            held.append(MemoryShard.from_tables(ray.get(config["shards"][rank])))
         augment = functools.partial(augment_batch, **cfg.augment_kwargs())
         return held[0].epoch(epoch, batch_size=cfg.batch_size, drop_last=drop_last, seed=cfg.seed, rank=rank,
                              augment=augment, device=device)

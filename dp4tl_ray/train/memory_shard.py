@@ -5,7 +5,8 @@ once (in id order) and draws every epoch from memory: a fresh permutation per ep
 seed, epoch and rank), batches cut from it, the mode's augmentation (drawing from a generator seeded
 the same way) applied by the worker's data thread
 (:class:`~dp4tl_ray.train.prefetch.EpochStream`). No Ray Data execution per epoch: at small scale
-its start-up was most of an epoch, and it did not shrink with the keep-set. Numpy and torch only.
+its start-up was most of an epoch, and it did not shrink with the keep-set. Numpy and torch only
+(and Ray's block accessor, to read the blocks).
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class MemoryShard:
             order = np.argsort(columns["id"], kind="stable")
             columns = {k: v[order] for k, v in columns.items()}
         return cls(columns)
+
+    @classmethod
+    def from_tables(cls, tables: Iterable[Any]) -> MemoryShard:
+        """:meth:`from_batches` over Ray Data blocks (Arrow tables of a materialized dataset), each
+        converted as Ray Data's ``iter_batches(batch_format="numpy")`` would."""
+        from ray.data.block import BlockAccessor
+
+        return cls.from_batches(BlockAccessor.for_block(t).to_batch_format("numpy") for t in tables if t.num_rows)
 
     def __len__(self) -> int:
         return self.rows

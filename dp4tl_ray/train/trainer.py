@@ -10,6 +10,7 @@ here too), its checkpoints :mod:`~dp4tl_ray.train.checkpoints`, the workers' loo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -115,6 +116,16 @@ def training_dataset(cfg: PretrainConfig):
     return ds, source, kept_classes, int(len(kept_ids))
 
 
+def cached_shards(ds, workers: int) -> list[list]:
+    """Each worker's share of the decode cache ``ds`` (materialized), as Arrow block refs: ``workers``
+    shares of equal row counts (a remainder of fewer than ``workers`` rows is left out, as Train's own
+    equal split does: DDP ranks must step together). The workers ``ray.get`` their share once
+    (:meth:`~dp4tl_ray.train.memory_shard.MemoryShard.from_tables`), so a cached run starts no Ray Data
+    split (its coordinator and dataset-manager actors cost every run a few CPU-seconds)."""
+    parts = ds.split(workers, equal=True) if workers > 1 else [ds]
+    return [p.to_arrow_refs() for p in parts]
+
+
 def decode_once(decoded):
     """The decode cache: ``decoded`` (from :func:`training_dataset`) materialized in the object store."""
     from dp4tl_ray.data.cpu_view import drop_stale_no_cpu_warning
@@ -143,8 +154,6 @@ def _check_cluster_fits(cfg: PretrainConfig) -> None:
     run and training would hang waiting for its first batch. On a cluster a job attached to
     (``RAY_ADDRESS``: KubeRay, the cluster launcher) an autoscaler may still add the missing GPU or
     CPU nodes - workers scale from zero there - so a shortfall is logged, not refused."""
-    import os
-
     import ray
 
     total = ray.cluster_resources()
@@ -200,38 +209,64 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str |
     else:  # read -> filter -> decode -> augment, a Ray Data execution per epoch
         ds = augmented_dataset(decoded, cfg)
     facts = RunFacts(kept_classes=kept_classes, num_source_classes=len(source.classes), in_memory=cached, run_dir=run_dir)
+    shards = cached_shards(ds, cfg.num_workers) if cached else None
     # Local mode (no workers) runs no Train callbacks: its epochs print nothing.
     lines = epoch_lines(progress, cfg.epochs, done_epochs) if progress and cfg.num_workers else nullcontext()
     with lines as forward:
-        result, seconds = _fit(cfg, storage, facts, ds, (callbacks or []) + ([forward] if forward else []))
+        result, seconds = _fit(cfg, storage, facts, None if cached else ds, (callbacks or []) + ([forward] if forward else []),
+                               shards)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
                           kept_classes=kept_classes,
                           images=images, seconds=seconds, cache_s=cache_s, cached=cached)
 
 
-def _fit(cfg: PretrainConfig, storage: str, facts, ds, callbacks: list):
-    """Build the TorchTrainer of the run and fit it: its result and the fit's wall seconds."""
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller polls its workers this often (default 2 s)
+
+
+def controller_poll_s(num_workers: int) -> float:
+    """How often a run's Train controller polls its workers. Each start-up step and the end of the run
+    wait for a poll, which at Ray's 2 s added ~3 s to every run (a sweep of 75 small trials: 4 minutes);
+    a poll is one call per worker, so it slows with the worker count back to Ray's default at 40."""
+    return min(2.0, max(0.25, 0.05 * num_workers))
+
+
+_poll_we_set: str | None = None  # the value this process put in POLL_ENV (a user's own value is left alone)
+
+
+def _set_controller_poll(num_workers: int) -> None:
+    global _poll_we_set
+    current = os.environ.get(POLL_ENV)
+    if current is None or current == _poll_we_set:
+        _poll_we_set = os.environ[POLL_ENV] = str(controller_poll_s(num_workers))
+
+
+def _fit(cfg: PretrainConfig, storage: str, facts, ds, callbacks: list, shards: list[list] | None = None):
+    """Build the TorchTrainer of the run and fit it: its result and the fit's wall seconds. The
+    controller's poll interval is :func:`controller_poll_s` unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+    is set (Ray Train passes the variable on to the controller it starts)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dp4tl_ray.train.loops import loop_config, train_loop_per_worker
 
+    _set_controller_poll(cfg.num_workers)
+
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, facts),
+        train_loop_config=loop_config(cfg, facts, shards),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              callbacks=callbacks or None),
-        datasets={"train": ds},
+        datasets=None if ds is None else {"train": ds},
     )
     t0 = time.perf_counter()
     result = trainer.fit()
     return result, time.perf_counter() - t0
 
 
-__all__ = ["CACHE_STORE_FRACTION", "MODES", "PretrainConfig", "PretrainResult", "augmented_dataset", "decode_cache_fits", "decode_once",
+__all__ = ["CACHE_STORE_FRACTION", "MODES", "POLL_ENV", "controller_poll_s", "PretrainConfig", "PretrainResult", "augmented_dataset", "cached_shards", "decode_cache_fits", "decode_once",
            "decoded_bytes", "pretrain", "source_labels", "train_decode_spec", "training_dataset", "use_decode_cache"]
