@@ -103,10 +103,12 @@ def p5v2_figure(records: list[dict]) -> dict:
 
 def relevance_kept(work: Path, task: str = "task_0") -> dict[str, dict[str, list[float]]]:
     """What each keep-set of the sweep kept of the planted answer, averaged over seeds per method and ratio:
-    ``[relevance, distractors]`` - the share of the graded relevance mass (every source image weighted by
-    its class's relevance in ground_truth.json) and the share of distractor images it keeps."""
+    ``[relevance, distractors, classes]`` - the share of the graded relevance mass (every source image
+    weighted by its class's relevance in ground_truth.json), the share of distractor images it keeps, and
+    how many source classes its images come from (a class-level keep-set holds whole classes; FM's
+    clusters may spread the same number of images over many classes, a few images each)."""
     truth = json.loads((work / "data" / "downstream" / task / "ground_truth.json").read_text())
-    kept: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    kept: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     for meta in sorted(work.glob(f"keepsets/*/{task}/*/keepset.json")):
         ks = KeepSet.load(meta.parent)
         store = FeatureStore.open(ks.meta.source_features)
@@ -116,8 +118,8 @@ def relevance_kept(work: Path, task: str = "task_0") -> dict[str, dict[str, list
         dis = np.isin(wnids, truth["distractor_wnids"])
         mask = np.isin(table.column("id").to_numpy(), ks.ids)
         kept.setdefault(ks.meta.method, {}).setdefault(f"{ks.meta.ratio:g}", []).append(
-            (rel[mask].sum() / rel.sum(), dis[mask].sum() / max(dis.sum(), 1)))
-    return {m: {r: [round(float(np.mean([v[i] for v in vals])), 3) for i in (0, 1)] for r, vals in sorted(by.items())}
+            (rel[mask].sum() / rel.sum(), dis[mask].sum() / max(dis.sum(), 1), len(np.unique(wnids[mask]))))
+    return {m: {r: [round(float(np.mean([v[i] for v in vals])), 3) for i in (0, 1, 2)] for r, vals in sorted(by.items())}
             for m, by in sorted(kept.items())}
 
 
@@ -152,7 +154,7 @@ def main() -> int:
     fig["trials_ok"] = f"{summary['ok']}/{summary['trials']}"
     fig["plot"] = (summary.get("report") or {}).get("accuracy_lp.png")
     if args.v2:
-        fig["relevance_and_distractors_kept"] = relevance_kept(plan.sweep.work)
+        fig["relevance_distractors_classes_kept"] = relevance_kept(plan.sweep.work)
     print(json.dumps(fig))
     return 0
 
