@@ -173,7 +173,7 @@ def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
                         help="also show Ray's worker logs and Tune's per-result tables")
 
 
-_STARTED_RAY = []  # [True] once init_ray has started or attached to Ray for this command (run() shuts it down)
+_started_ray = False  # True once init_ray has started or attached to Ray for this command (run() shuts it down)
 
 
 def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
@@ -181,6 +181,7 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
     (set by `ray job submit`), else start an embedded local Ray whose node also holds the trial-driver
     resource a sweep's Tune trials ask for. ``worker_logs`` False keeps workers' output off the console
     (a sweep's many trials); ``verbose`` keeps Ray Data's own logs on it. Nothing starts when Ray is up."""
+    global _started_ray
     import os
 
     import ray
@@ -199,7 +200,7 @@ def init_ray(verbose: bool = False, worker_logs: bool = True) -> None:
         if "RAY_AUTH_MODE" not in os.environ:
             drop_default_auth_notice()
         drop_worker_pool_notice()
-    _STARTED_RAY[:] = [True]
+    _started_ray = True
     if address:
         ray.init()
     else:
@@ -314,10 +315,11 @@ def run(argv: list[str] | None = None, console: bool = False) -> int:
 def _shutdown_ray() -> None:
     """Stop the Ray this command started (detach from a cluster's) now: left to Ray's exit hook, each
     command's exit also waited 0.5 s for log lines a finished command no longer prints."""
-    if _STARTED_RAY:
+    global _started_ray
+    if _started_ray:
         import ray
 
-        _STARTED_RAY.clear()
+        _started_ray = False
         ray.shutdown()
 
 
