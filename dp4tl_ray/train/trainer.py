@@ -203,18 +203,17 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str |
     cached, cache_s = use_decode_cache(cfg, images), 0.0
     if cached:  # workers read their share once and augment it themselves every epoch
         t0 = time.perf_counter()
-        ds = decode_once(decoded)  # freed when this function returns (the driver owns the blocks)
+        cache = decode_once(decoded)  # freed when this function returns (the driver owns the blocks)
         cache_s = time.perf_counter() - t0
-        log.info("decoded %d kept images into the object store in %.1fs", ds.count(), cache_s)
+        log.info("decoded %d kept images into the object store in %.1fs", cache.count(), cache_s)
+        ds, shards = None, cached_shards(cache, cfg.num_workers)
     else:  # read -> filter -> decode -> augment, a Ray Data execution per epoch
-        ds = augmented_dataset(decoded, cfg)
+        ds, shards = augmented_dataset(decoded, cfg), None
     facts = RunFacts(kept_classes=kept_classes, num_source_classes=len(source.classes), in_memory=cached, run_dir=run_dir)
-    shards = cached_shards(ds, cfg.num_workers) if cached else None
     # Local mode (no workers) runs no Train callbacks: its epochs print nothing.
     lines = epoch_lines(progress, cfg.epochs, done_epochs) if progress and cfg.num_workers else nullcontext()
     with lines as forward:
-        result, seconds = _fit(cfg, storage, facts, None if cached else ds, (callbacks or []) + ([forward] if forward else []),
-                               shards)
+        result, seconds = _fit(cfg, storage, facts, ds, (callbacks or []) + ([forward] if forward else []), shards)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, metrics=dict(result.metrics or {}), history=list(result.return_value or []),
                           kept_classes=kept_classes,
@@ -242,7 +241,8 @@ def _set_controller_poll(num_workers: int) -> None:
 
 
 def _fit(cfg: PretrainConfig, storage: str, facts, ds, callbacks: list, shards: list[list] | None = None):
-    """Build the TorchTrainer of the run and fit it: its result and the fit's wall seconds. The
+    """Build the TorchTrainer of the run and fit it: its result and the fit's wall seconds. The workers
+    stream ``ds`` (a Ray Dataset), or with a cached keep-set (``ds`` None) read ``shards``. The
     controller's poll interval is :func:`controller_poll_s` unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
     is set (Ray Train passes the variable on to the controller it starts)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
