@@ -258,11 +258,11 @@ def ceiling_images_per_s(cfg: PretrainConfig, num_classes: int, steps: int) -> f
                                     generator=gen).to(device),
              "label": torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(device)}
     remap = torch.arange(num_classes, device=device)
-    train_one_epoch(model, method, opt, [batch] * 3, remap, cfg, device, drop_last=False)  # warm-up (cuDNN plans)
+    train_one_epoch(model, method, opt, [batch] * 3, remap, cfg, device)  # warm-up (cuDNN plans)
     if cfg.use_gpu:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    seen, _ = train_one_epoch(model, method, opt, [batch] * steps, remap, cfg, device, drop_last=False)
+    seen, _ = train_one_epoch(model, method, opt, [batch] * steps, remap, cfg, device)
     if cfg.use_gpu:
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - t0)

@@ -15,16 +15,18 @@ def _batches(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
              "label": torch.tensor([3, 5] * n)[:n]} for n in sizes]
 
 
-def test_train_one_epoch_counts_images_and_skips_short_batches_only_with_drop_last(one_torch_thread):
+def test_train_one_epoch_takes_full_batches_only(one_torch_thread):
+    # A short last batch of 2-4 images in BatchNorm's training mode destabilised SGD (P5 v2: those runs ended at up
+    # to 2x their other seeds' loss); every step now takes a full batch, whatever the mode or world size.
     cfg = PretrainConfig(source="s", out="o", arch="resnet18", small_input=True, batch_size=4)
     remap = torch.tensor([-1, -1, -1, 0, -1, 1])  # source classes 3 and 5 are the kept ones
     model = build_model(ModelSpec("resnet18", 2, small_input=True), seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for drop_last, expected in ((True, 8), (False, 10)):
+    for sizes in ([4, 4, 2], [4, 4, 3], [4, 4]):
         before = model.net.fc.weight.detach().clone()
-        seen, loss_sum = train_one_epoch(model, METHODS["supervised"], opt, _batches([4, 4, 2]), remap, cfg,
-                                         torch.device("cpu"), drop_last)
-        assert seen == expected and 0 < loss_sum < float("inf")
+        seen, loss_sum = train_one_epoch(model, METHODS["supervised"], opt, _batches(sizes), remap, cfg,
+                                         torch.device("cpu"))
+        assert seen == 8 and 0 < loss_sum < float("inf")
         assert not torch.equal(model.net.fc.weight, before)
 
 
@@ -36,7 +38,7 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal(one_torch_thread):
     model = build_model(ModelSpec("resnet18", 2, small_input=True), seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen, loss_sum = train_one_epoch(model, METHODS["supervised"], opt, _batches([4, 1]), remap, cfg,
-                                     torch.device("cpu"), False)
+                                     torch.device("cpu"))
     assert seen == 4 and 0 < loss_sum < float("inf")
 
 
@@ -52,6 +54,6 @@ def test_adversarial_random_starts_come_from_the_runs_generator(one_torch_thread
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.manual_seed(global_seed)  # the global RNG's state must not matter
         return train_one_epoch(model, METHODS["adversarial"], opt, _batches([4, 4]), remap, cfg, torch.device("cpu"),
-                               True, torch.Generator().manual_seed(seed))[1]
+                               torch.Generator().manual_seed(seed))[1]
 
     assert epoch(0, global_seed=100) == epoch(0, global_seed=200) != epoch(1, global_seed=100)

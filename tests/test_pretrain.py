@@ -154,6 +154,14 @@ def test_bad_pretrain_configs_are_one_line_errors(ray_local, synth_dirty, tmp_pa
         pretrain(_cfg(synth_dirty.source_dir, tmp_path, mode="moco_v2", moco_k=100))
 
 
+def test_a_keepset_smaller_than_one_batch_per_worker_is_refused_before_training(ray_local, synth_dirty, keepset_6,
+                                                                                 tmp_path):
+    path, ids = keepset_6  # every step takes a full batch: such a run would train nothing
+    with pytest.raises(UserError, match=f"keeps {len(ids)} images, fewer than one batch per worker"):
+        pretrain(_cfg(synth_dirty.source_dir, tmp_path, keepset=str(path), batch_size=len(ids) + 1))
+    assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
+
+
 def test_a_cluster_shortfall_is_refused_locally_but_awaited_on_an_attached_cluster(ray_local, monkeypatch, caplog):
     from dp4tl_ray.train.pretrain_config import PretrainConfig
     from dp4tl_ray.train.trainer import _check_cluster_fits

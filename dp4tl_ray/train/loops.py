@@ -16,11 +16,19 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from dp4tl_ray.models import MIN_TRAIN_BATCH, ModelSpec, Surrogate, build_model, to_model_input, unwrap_ddp
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model, to_model_input, unwrap_ddp
 from dp4tl_ray.train.checkpoints import (TrainState, check_resume, restored_state, resume_settings, staged_checkpoint,
                                          write_checkpoint)
 from dp4tl_ray.train.pretrain_config import PretrainConfig
 from dp4tl_ray.train.prefetch import EpochStream, Waits
+
+
+# Every SGD step takes a full batch; an epoch's short last batch is dropped (the next epoch reshuffles, so no image
+# is left out for good). DDP's lock-step and MoCo's queue slots need this anyway, and a short batch of a few images
+# in BatchNorm's training mode destabilises SGD: in P5 v2 (batch 32) the 6 runs whose keep-set left 2-4 images
+# over ended at 1.15-2x their other seeds' training loss, one (random-class 0.5, 2 left over) below the untrained
+# backbone's LP accuracy. A keep-set smaller than one batch per worker is refused before training starts.
+FULL_BATCHES_ONLY = True
 
 
 @dataclass(frozen=True)
@@ -111,18 +119,19 @@ def _build_training(method: Method, cfg: PretrainConfig, spec: ModelSpec, cuda: 
 
 
 def train_one_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer, batches: Iterable[dict[str, torch.Tensor]],
-                    remap: torch.Tensor, cfg: PretrainConfig, device: torch.device, drop_last: bool,
+                    remap: torch.Tensor, cfg: PretrainConfig, device: torch.device,
                     rng: torch.Generator | None = None) -> tuple[int, float]:
-    """One pass of SGD steps over ``batches`` (already on ``device``; bf16 autocast on CUDA); returns this
-    worker's ``(images seen, summed loss)``. Source labels become kept-class indices through ``remap``.
+    """One pass of SGD steps over the full batches of ``batches`` (already on ``device``; bf16 autocast on
+    CUDA); returns this worker's ``(images seen, summed loss)``. Source labels become kept-class indices
+    through ``remap``. A short batch is skipped (see :data:`FULL_BATCHES_ONLY`).
     ``rng`` (on ``device``) feeds the loss's own draws (PGD's random starts): not torch's global RNG,
     which the worker's data thread seeds for each batch it augments."""
     model.train()
     seen, loss_sum = 0, 0.0
     for batch in batches:
         n = len(batch[method.views[0]])
-        if n < MIN_TRAIN_BATCH or (drop_last and n < cfg.batch_size):
-            continue  # MoCo's queue slots and DDP's lock-step need full batches on every rank
+        if n < cfg.batch_size:
+            continue  # FULL_BATCHES_ONLY
         inputs = {k: to_model_input(batch[k], channels_last=True) for k in method.views if k != "label"}
         if "label" in method.views:
             inputs["label"] = remap[batch["label"].long()]
@@ -195,14 +204,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         check_resume(state, cfg)
     start_epoch, history = (state.epoch, list(state.history)) if state is not None else (0, [])
 
-    # Full batches only where a short one breaks something: DDP ranks in step, MoCo's queue slots.
-    drop_last = world > 1 or method.name == "moco_v2"
     shard = None if facts.in_memory else ray.train.get_dataset_shard("train")
     held: list = []  # a cached keep-set: this worker's share of the decoded rows, read once (in the data thread)
 
     def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         if shard is not None:  # augmented rows streamed by Ray Data, a new execution per epoch
-            return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=drop_last,
+            return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=FULL_BATCHES_ONLY,
                                             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                             local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
         from dp4tl_ray.data.transforms import augment_batch
@@ -211,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if not held:
             held.append(MemoryShard.from_tables(ray.get(config["shards"][rank])))
         augment = functools.partial(augment_batch, **cfg.augment_kwargs())
-        return held[0].epoch(epoch, batch_size=cfg.batch_size, drop_last=drop_last, seed=cfg.seed, rank=rank,
+        return held[0].epoch(epoch, batch_size=cfg.batch_size, drop_last=FULL_BATCHES_ONLY, seed=cfg.seed, rank=rank,
                              augment=augment, device=device)
 
     # Started before the model is built, so the data processes start meanwhile.
@@ -224,8 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         for epoch in range(start_epoch, cfg.epochs):
             started_at, t0, cpu0 = time.time(), time.perf_counter(), time.process_time()
             waits = Waits()
-            seen, loss_sum = train_one_epoch(model, method, opt, stream.batches(epoch, waits), remap, cfg, device,
-                                            drop_last, rng)
+            seen, loss_sum = train_one_epoch(model, method, opt, stream.batches(epoch, waits), remap, cfg, device, rng)
             sched.step()
             seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
             images, loss_total = _sum_over_workers([seen, loss_sum], world)

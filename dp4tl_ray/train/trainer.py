@@ -173,6 +173,15 @@ def _check_cluster_fits(cfg: PretrainConfig) -> None:
     raise UserError(problem)
 
 
+def check_one_batch_per_worker(images: int, cfg: PretrainConfig) -> None:
+    """Refuse a keep-set that cannot fill one batch on every worker: every step takes a full batch
+    (:data:`~dp4tl_ray.train.loops.FULL_BATCHES_ONLY`), so such a run would train nothing."""
+    workers = max(1, cfg.num_workers)
+    if images < cfg.batch_size * workers:
+        raise UserError(f"the run keeps {images} images, fewer than one batch per worker ({cfg.batch_size} x {workers} "
+                        "workers); lower pretrain.batch_size or num_workers, or prune less")
+
+
 def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str | None = None) -> PretrainResult:
     """Fit (or resume) the run ``cfg.out/cfg.name`` and return its latest checkpoint and metrics.
 
@@ -184,6 +193,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str |
     cfg.validate()
     _check_cluster_fits(cfg)
     decoded, source, kept_classes, images = training_dataset(cfg)
+    check_one_batch_per_worker(images, cfg)
     storage = cfg.out if is_uri(cfg.out) else str(Path(cfg.out).resolve())
     if cfg.num_workers == 0 and is_uri(storage):
         raise UserError("local mode (num_workers=0) keeps checkpoints on this machine; give a local --out")
