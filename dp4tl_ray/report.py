@@ -209,6 +209,32 @@ def comparisons(rows: list[dict[str, Any]], group: tuple, metric: str, baseline:
     return lines
 
 
+def below_floor(trials: list[dict[str, Any]], rows: list[dict[str, Any]], group: tuple, metric: Metric) -> list[str]:
+    """The runs of ``group`` (its trials) that score below the untrained backbone: under the lower end of the
+    ``random-init`` cell's 95% interval. Such a pretraining failed (diverged, or too few steps) and says nothing
+    about its keep-set; each line names the run, its score and its final pretraining loss beside its cell's
+    other seeds'."""
+    floor = next((r for r in rows if _group_of(r) == group and r["metric"] == metric.name
+                  and r["method"] == RANDOM_INIT and r.get("ci95") is not None), None)
+    if floor is None:
+        return []
+    lines = []
+    for (method, ratio), ts in _cells([t for t in trials if t["method"] not in REFERENCES]).items():
+        for t in sorted(ts, key=lambda t: t.get("seed") or 0):
+            if t.get(metric.key) is None or 100 * t[metric.key] >= floor["ci95_low_pct"]:
+                continue
+            others = [f"{o['loss']:.2f}" for o in ts if o is not t and o.get("loss") is not None]
+            loss = "" if t.get("loss") is None else (f"; final pretraining loss {t['loss']:.2f}"
+                                                      + (f" (its other seeds: {', '.join(others)})" if others else ""))
+            lines.append(f"- {method} at {_pct(ratio)}, seed {t.get('seed')}: {100 * t[metric.key]:.1f} < "
+                         f"{floor['ci95_low_pct']:.1f}{loss}")
+    return lines
+
+
+BELOW_FLOOR = ("Runs below the untrained backbone (under the low end of random-init's 95% interval): their pretraining "
+               "failed (diverged, or too few steps) and says nothing about their keep-sets; check their loss curves")
+
+
 def _verdict(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
     gap = f"{a['mean_pct'] - b['mean_pct']:+.1f} points vs {name}"
     if a["ci95_low_pct"] > b["ci95_high_pct"]:
@@ -479,7 +505,7 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
              f"{len(trials) - len(failed)} trial(s) ok, {len(failed)} failed (excluded from the tables). "
              "Cells: mean ± sample std (n-1) over seeds; a bare number is a single seed. "
              "Pruning ratio: fraction of units (classes or clusters) removed.", READING]
-    for group in group_trials(trials):
+    for group, members in group_trials(trials).items():
         parts.append(f"## {_group_title(group)}")
         for m in METRICS:
             table = accuracy_table(acc, group, m.name)
@@ -488,6 +514,9 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
                 verdicts = comparisons(acc, group, m.name) if m.name in PLOTTED else []
                 if verdicts:
                     parts.append("What this table supports (95% intervals):\n" + "\n".join(verdicts))
+                failed_runs = below_floor(members, acc, group, m) if m.name in PLOTTED else []
+                if failed_runs:
+                    parts.append(f"{BELOW_FLOOR}:\n" + "\n".join(failed_runs))
         table = time_table(times, group)
         if table:
             costs = cost_lines(times, group)

@@ -351,3 +351,21 @@ def test_keepsets_the_report_cannot_find_are_one_note():
     rows, notes = diagnostics_rows([_trial("lm", 0.5, 0, 0.7)])  # records that name no keep-set
     assert rows == [] and "the results name no keep-sets" in notes[0]
     assert diagnostics_rows([_trial("dense", 0.0, 0, 0.7, surrogate=None)]) == ([], [])
+
+
+def test_report_names_the_runs_that_probe_below_the_untrained_backbone():
+    # P5 v2's random-class 0.5 seed 2 (a last batch of 2 images every epoch) probed at 29.3%, below the
+    # untrained backbone; a run near the floor but inside its interval (fm 0.9 at 34.0) is not named.
+    floor = [_trial("random-init", 0.0, s, v, surrogate=None, test_images=300) for s, v in enumerate((0.38, 0.36, 0.347))]
+    runs = [_trial("random-class", 0.5, s, v, surrogate=None, test_images=300, loss=l)
+            for s, v, l in ((0, 0.577, 1.08), (1, 0.537, 1.07), (2, 0.293, 2.20))]
+    runs += [_trial("fm", 0.9, 0, 0.34, test_images=300, loss=1.4)]
+    trials = floor + runs
+    acc = accuracy_rows(trials)
+    md = report_markdown(trials, acc, time_rows(trials))
+    assert ("Runs below the untrained backbone (under the low end of random-init's 95% interval): their pretraining "
+            "failed (diverged, or too few steps) and says nothing about their keep-sets; check their loss curves:\n"
+            "- random-class at 50%, seed 2: 29.3 < 32.1; final pretraining loss 2.20 (its other seeds: 1.08, 1.07)\n") in md
+    assert "fm at 90%" not in md.split("Runs below")[1].split("\n\n")[0]
+    # Without a random-init cell there is no floor to compare with, and nothing is said.
+    assert "Runs below" not in report_markdown(runs, accuracy_rows(runs), time_rows(runs))
