@@ -65,7 +65,11 @@ def lp_points(records: list[dict], method: str, ratio: float | None) -> float | 
 
 
 def _seeds(records: list[dict]) -> int:
-    return len({r["seed"] for r in ok_trials(records) if r["method"] == "dense"})
+    """Seeds behind every mean of the figure: the fewest finished seeds of any (method, ratio) cell."""
+    cells: dict[tuple, set] = {}
+    for r in ok_trials(records):
+        cells.setdefault((r["method"], r["ratio"]), set()).add(r["seed"])
+    return min((len(s) for s in cells.values()), default=0)
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
