@@ -22,11 +22,6 @@ from dp4tl_ray.torchvision_import import import_torchvision
 
 torchvision = import_torchvision()  # without torch._dynamo: ~1 CPU-s less per process (see the module)
 
-# BatchNorm in training mode needs two values per channel: a last batch of one image (a keep-set of k x 32 + 1 rows)
-# raised "Expected more than 1 value per channel when training" and failed the run. Training loops skip such a batch.
-MIN_TRAIN_BATCH = 2
-
-
 class Surrogate(nn.Module):
     """A torchvision ResNet with in-model normalisation and access to its penultimate features."""
 

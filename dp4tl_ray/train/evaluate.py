@@ -30,7 +30,7 @@ from dp4tl_ray.data.decode import DecodeSpec, decode_image
 from dp4tl_ray.data.imagefolder import FolderIndex
 from dp4tl_ray.errors import UserError
 from dp4tl_ray.global_rng import seeded
-from dp4tl_ray.models import MIN_TRAIN_BATCH, ModelSpec, Surrogate, build_model, load_backbone, to_model_input
+from dp4tl_ray.models import ModelSpec, Surrogate, build_model, load_backbone, to_model_input
 from dp4tl_ray.train.eval_config import MAX_REPORTS, SELECTION, TEST_MAX_NOTE, EvalConfig, stratified_split, task_indexes
 
 Split = tuple[Any, Any]  # (inputs: uint8 images N x H x W x 3 or features N x D, int64 labels), numpy or torch
@@ -199,6 +199,12 @@ def _accuracy(model: Surrogate, split: tuple[torch.Tensor, torch.Tensor], w: _Wo
             correct += (model(to_model_input(images[part], channels_last=w.cuda)).argmax(1) == labels[part]).sum().item()
     total_correct, = w.sum([correct])
     return total_correct / len(labels)
+
+
+# BatchNorm in training mode needs two values per channel: a last batch of one image raised "Expected more than 1
+# value per channel when training" and failed the run. Full finetuning skips such a batch and steps on any other
+# (pretraining takes full batches only: loops.train_one_epoch).
+MIN_TRAIN_BATCH = 2
 
 
 def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: EvalConfig, w: _Worker,

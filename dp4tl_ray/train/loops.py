@@ -23,14 +23,6 @@ from dp4tl_ray.train.pretrain_config import PretrainConfig
 from dp4tl_ray.train.prefetch import EpochStream, Waits
 
 
-# Every SGD step takes a full batch; an epoch's short last batch is dropped (the next epoch reshuffles, so no image
-# is left out for good). DDP's lock-step and MoCo's queue slots need this anyway, and a short batch of a few images
-# in BatchNorm's training mode destabilises SGD: in P5 v2 (batch 32) the 6 runs whose keep-set left 2-4 images
-# over ended at 1.15-2x their other seeds' training loss, one (random-class 0.5, 2 left over) below the untrained
-# backbone's LP accuracy. A keep-set smaller than one batch per worker is refused before training starts.
-FULL_BATCHES_ONLY = True
-
-
 @dataclass(frozen=True)
 class Method:
     """One pretraining mode."""
@@ -90,13 +82,13 @@ class RunFacts:
 
     kept_classes: list[int]  # the source classes trained on, in output order (the label map)
     num_source_classes: int
-    in_memory: bool  # the decoded keep-set is cached: each worker holds its share and augments it itself
     run_dir: str  # <storage>/<name>; local mode writes its checkpoints under it
 
 
 def loop_config(cfg: PretrainConfig, facts: RunFacts, shards: list[list] | None = None) -> dict[str, Any]:
     """``train_loop_config`` for :func:`train_loop_per_worker`: plain values, rebuilt into the dataclasses there,
-    and with a cached keep-set each rank's Arrow block refs (:func:`~dp4tl_ray.train.trainer.cached_shards`)."""
+    and with a cached keep-set each rank's Arrow block refs (:func:`~dp4tl_ray.train.trainer.cached_shards`;
+    None: the workers stream the run's dataset)."""
     return {"cfg": asdict(cfg), "facts": asdict(facts), "shards": shards}
 
 
@@ -123,7 +115,15 @@ def train_one_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer
                     rng: torch.Generator | None = None) -> tuple[int, float]:
     """One pass of SGD steps over the full batches of ``batches`` (already on ``device``; bf16 autocast on
     CUDA); returns this worker's ``(images seen, summed loss)``. Source labels become kept-class indices
-    through ``remap``. A short batch is skipped (see :data:`FULL_BATCHES_ONLY`).
+    through ``remap``.
+
+    Every step takes a full batch: an epoch's short last batch is skipped (the next epoch reshuffles, so no
+    image is left out for good). DDP's lock-step and MoCo's queue slots need this anyway, and a short batch of
+    a few images in BatchNorm's training mode destabilises SGD: in P5 v2 (batch 32) the 6 runs whose keep-set
+    left 2-4 images over ended at 1.15-2x their other seeds' training loss, one (random-class 0.5, 2 left
+    over) below the untrained backbone's LP accuracy. :func:`train_loop_per_worker`'s data paths do not even
+    cut such a batch (``drop_last``), and ``pretrain`` refuses a keep-set smaller than one batch per worker.
+
     ``rng`` (on ``device``) feeds the loss's own draws (PGD's random starts): not torch's global RNG,
     which the worker's data thread seeds for each batch it augments."""
     model.train()
@@ -131,7 +131,7 @@ def train_one_epoch(model: nn.Module, method: Method, opt: torch.optim.Optimizer
     for batch in batches:
         n = len(batch[method.views[0]])
         if n < cfg.batch_size:
-            continue  # FULL_BATCHES_ONLY
+            continue
         inputs = {k: to_model_input(batch[k], channels_last=True) for k in method.views if k != "label"}
         if "label" in method.views:
             inputs["label"] = remap[batch["label"].long()]
@@ -204,12 +204,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         check_resume(state, cfg)
     start_epoch, history = (state.epoch, list(state.history)) if state is not None else (0, [])
 
-    shard = None if facts.in_memory else ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train") if config["shards"] is None else None
     held: list = []  # a cached keep-set: this worker's share of the decoded rows, read once (in the data thread)
 
     def open_epoch(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         if shard is not None:  # augmented rows streamed by Ray Data, a new execution per epoch
-            return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=FULL_BATCHES_ONLY,
+            return shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
                                             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                             local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank)
         from dp4tl_ray.data.transforms import augment_batch
@@ -218,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if not held:
             held.append(MemoryShard.from_tables(ray.get(config["shards"][rank])))
         augment = functools.partial(augment_batch, **cfg.augment_kwargs())
-        return held[0].epoch(epoch, batch_size=cfg.batch_size, drop_last=FULL_BATCHES_ONLY, seed=cfg.seed, rank=rank,
+        return held[0].epoch(epoch, batch_size=cfg.batch_size, drop_last=True, seed=cfg.seed, rank=rank,
                              augment=augment, device=device)
 
     # Started before the model is built, so the data processes start meanwhile.

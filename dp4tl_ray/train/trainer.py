@@ -175,7 +175,7 @@ def _check_cluster_fits(cfg: PretrainConfig) -> None:
 
 def check_one_batch_per_worker(images: int, cfg: PretrainConfig) -> None:
     """Refuse a keep-set that cannot fill one batch on every worker: every step takes a full batch
-    (:data:`~dp4tl_ray.train.loops.FULL_BATCHES_ONLY`), so such a run would train nothing."""
+    (:func:`~dp4tl_ray.train.loops.train_one_epoch`), so such a run would train nothing."""
     workers = max(1, cfg.num_workers)
     if images < cfg.batch_size * workers:
         raise UserError(f"the run keeps {images} images, fewer than one batch per worker ({cfg.batch_size} x {workers} "
@@ -219,7 +219,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list | None = None, progress: str |
         ds, shards = None, cached_shards(cache, cfg.num_workers)
     else:  # read -> filter -> decode -> augment, a Ray Data execution per epoch
         ds, shards = augmented_dataset(decoded, cfg), None
-    facts = RunFacts(kept_classes=kept_classes, num_source_classes=len(source.classes), in_memory=cached, run_dir=run_dir)
+    facts = RunFacts(kept_classes=kept_classes, num_source_classes=len(source.classes), run_dir=run_dir)
     # Local mode (no workers) runs no Train callbacks: its epochs print nothing.
     lines = epoch_lines(progress, cfg.epochs, done_epochs) if progress and cfg.num_workers else nullcontext()
     with lines as forward:
