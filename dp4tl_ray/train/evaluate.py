@@ -201,9 +201,10 @@ def _accuracy(model: Surrogate, split: tuple[torch.Tensor, torch.Tensor], w: _Wo
     return total_correct / len(labels)
 
 
-# BatchNorm in training mode needs two values per channel: a last batch of one image raised "Expected more than 1
-# value per channel when training" and failed the run. Full finetuning skips such a batch and steps on any other
-# (pretraining takes full batches only: loops.train_one_epoch).
+# BatchNorm in training mode needs two values per channel: a batch of one image raises "Expected more than 1
+# value per channel when training". Full finetuning steps on full batches only, as pretraining does
+# (loops.train_one_epoch): a short last batch is left for the next epoch's reshuffle. A worker's shard smaller
+# than one batch trains as one batch, and it must hold MIN_TRAIN_BATCH images.
 MIN_TRAIN_BATCH = 2
 
 
@@ -220,13 +221,17 @@ def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tenso
     order_gen = torch.Generator().manual_seed(cfg.seed)  # the same epoch order on every worker
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + w.rank)
     usable = len(labels) - len(labels) % w.world  # equal shards, so every worker takes the same number of steps
+    step = min(cfg.batch_size, usable // w.world)
+    if step < MIN_TRAIN_BATCH:
+        raise UserError(f"full finetuning needs at least {MIN_TRAIN_BATCH} training images per worker; {cfg.task} "
+                        f"leaves {usable // w.world} for each of {w.world} (lower val_fraction or num_workers)")
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
         lr_now, loss_sum, seen = opt.param_groups[0]["lr"], 0.0, 0
         mine = torch.randperm(len(labels), generator=order_gen)[:usable][w.rank::w.world]
-        for idx in mine.split(cfg.batch_size):
-            if len(idx) < MIN_TRAIN_BATCH:  # BatchNorm in training mode; every worker skips it alike (equal shards)
+        for idx in mine.split(step):
+            if len(idx) < step:  # full batches only; every worker skips it alike (equal shards)
                 continue
             idx = idx.numpy()
             batch = finetune_augment({"image": images[idx]}, cfg.image_size, generator=aug_gen)["image"]
