@@ -131,7 +131,8 @@ def test_dirty_mode_plants_undecodable_files_named_like_images(tmp_path, monkeyp
     ("image_size", 4096), ("tasks", -1), ("seed", -1), ("domains_per_task", 4),
     ("classes_per_task_domain", 4), ("train_per_class", 0), ("root", ""),
     ("task_class_counts", (2,)), ("task_class_counts", (2, 4)), ("class_size_spread", -0.5),
-    ("distractor_domains", -1), ("shared_cue_weight", 1.0),
+    ("distractor_domains", -1), ("shared_cue_weight", 1.0), ("cue_params", (0, 5)), ("cue_params", (1, 1)),
+    ("cue_params", (0, 1)),  # fewer than class_cues (5 here)
 ])
 def test_bad_config_raises_one_line_user_error(tmp_path, field, value):
     cfg = small(tmp_path / "d")
@@ -276,3 +277,20 @@ def test_shared_cue_weight_pulls_non_cue_parameters_towards_the_class_value(monk
     assert draws[0.75].min() >= 0.75 * 0.9 and draws[0.75].max() <= 0.75 * 0.9 + 0.25
     assert draws[0.0].min() < 0.3 and draws[0.0].max() > 0.7  # free: spans the range
     assert np.allclose(draws[0.75], 0.75 * 0.9 + 0.25 * draws[0.0])  # same stream, same draws
+
+
+def test_cue_params_limit_every_domains_cues_and_keep_them_varied(tmp_path):
+    """cue_params [0, 1, 2] (the attributes MoCo's augmentations leave alone): every domain, distractors
+    included, tells its classes apart by two of them; consecutive domains take different pairs; a rerun with
+    the same config reuses the tree (synth.json holds the list)."""
+    cfg = small(tmp_path / "d", **{**HARDER, "class_cues": 2, "cue_params": [0, 1, 2]})
+    domains, _, _ = synthetic._plan(cfg)
+    assert all(set(d.cues) <= {0, 1, 2} and len(d.cues) == 2 for d in domains)
+    assert all(a.cues != b.cues for a, b in zip(domains[:cfg.num_domains], domains[1:cfg.num_domains]))
+    assert {d.cues for d in domains[:cfg.num_domains]} == {(0, 1), (0, 2), (1, 2)}
+    first = generate(cfg)
+    assert read_json(first.root / "synth.json")["config"]["cue_params"] == [0, 1, 2]
+    stamps = {p: p.stat().st_mtime_ns for p in first.root.rglob("*.JPEG")}
+    generate(cfg)
+    assert {p: p.stat().st_mtime_ns for p in first.root.rglob("*.JPEG")} == stamps
+    assert all(set(d["class_cues"]) <= {0, 1, 2} for d in read_json(first.root / "source" / "domains.json")["domains"])

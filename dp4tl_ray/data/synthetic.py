@@ -15,6 +15,11 @@ The harder regime (``task_class_counts``, ``class_size_spread``, ``distractor_do
 in: the task draws unequal numbers of classes from its domains, source classes differ in size,
 look-alike domains copy a task domain's shape, texture and palette but tell their classes apart by
 other cues, and non-cue parameters keep part of the class value so every domain helps a little.
+``cue_params`` limits which attributes may be cues. Self-supervised pretraining (MoCo v2) is trained to
+ignore what its augmentations change: colour jitter moves hue by up to 0.1 (a class's hue offset spans
+0.03), and the horizontal flip mirrors the texture angle. ``cue_params: [0, 1, 2]`` (shape a, shape b,
+texture frequency, which is counted per object radius and so survives the random crop's scale) makes
+classes a self-supervised learner can tell apart, as real classes differ in shape rather than in tint.
 ground_truth.json then grades relevance per source class and lists the distractors.
 
 Layout written under ``root``::
@@ -34,6 +39,7 @@ import functools
 import io
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -188,12 +194,16 @@ class _Class:
     params: tuple[float, ...]  # NUM_PARAMS values in [0, 1]
 
 
-def _domains(n: int, class_cues: int = NUM_PARAMS, shared_cue_weight: float = 0.0) -> list[_Domain]:
+def _domains(n: int, class_cues: int = NUM_PARAMS, shared_cue_weight: float = 0.0,
+             cue_params: tuple[int, ...] = ()) -> list[_Domain]:
     """Domains cycle through families, textures and palettes; hues are spread evenly; each takes its
-    own ``class_cues``-subset of the class parameters as the cues (consecutive domains differ)."""
+    own ``class_cues``-subset of the class parameters (of ``cue_params``; () = all) as the cues
+    (consecutive domains differ)."""
     families, textures = list(FAMILIES), list(TEXTURES)
-    subsets = list(itertools.combinations(range(NUM_PARAMS), class_cues))
-    step = 3  # coprime with the 1, 5 or 10 subsets there are: consecutive domains walk through all of them
+    subsets = list(itertools.combinations(cue_params or range(NUM_PARAMS), class_cues))
+    # Coprime with the number of subsets, so consecutive domains walk through all of them: 3 for the 1, 5 or
+    # 10 subsets of all five parameters (the original regime's choice), 2 or 1 where 3 divides the count.
+    step = next(s for s in (3, 2, 1) if math.gcd(s, len(subsets)) == 1)
     out = []
     for d in range(n):
         family = families[d % len(families)]
@@ -209,12 +219,12 @@ def _domains(n: int, class_cues: int = NUM_PARAMS, shared_cue_weight: float = 0.
     return out
 
 
-def _lookalike(model: _Domain, index: int, n: int) -> _Domain:
+def _lookalike(model: _Domain, index: int, n: int, cue_params: tuple[int, ...] = ()) -> _Domain:
     """A distractor domain: ``model``'s shape family, texture, frequency and palette with the hue moved a
     quarter of the way to the next domain's (images of the two overlap in colour), but its classes told
-    apart by the cue subset that shares the fewest parameters with ``model``'s - it looks like the task
-    and teaches the wrong distinctions."""
-    subsets = itertools.combinations(range(NUM_PARAMS), len(model.cues))
+    apart by the cue subset (of ``cue_params``; () = all) that shares the fewest parameters with ``model``'s
+    - it looks like the task and teaches the wrong distinctions."""
+    subsets = itertools.combinations(cue_params or range(NUM_PARAMS), len(model.cues))
     cues = min(subsets, key=lambda c: len(set(c) & set(model.cues)))
     shift = 0.25 / n
     return replace(model, index=index, name=f"d{index:02d}-{model.family}-{model.texture}-lookalike",
@@ -349,11 +359,14 @@ class SynthConfig:
     class_size_spread: float = 0.0  # source class k holds images_per_class * 2**u_k images, u_k uniform in +-spread
     distractor_domains: int = 0  # extra source domains that look like the first task's domains (most relevant
     #                              first) but tell their classes apart by other cues
+    cue_params: tuple[int, ...] = ()  # the attributes that may be cues (0 shape a, 1 shape b, 2 texture frequency,
+    #                                   3 texture angle, 4 hue offset); () = all five
     shared_cue_weight: float = 0.0  # in [0, 1): share of its class value a non-cue parameter keeps per image, so
     #                                 every domain teaches every attribute a little and other domains help a little
 
     def __post_init__(self) -> None:
         self.task_class_counts = tuple(int(c) for c in self.task_class_counts)  # YAML and JSON give lists
+        self.cue_params = tuple(int(c) for c in self.cue_params)
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""
@@ -379,6 +392,11 @@ class SynthConfig:
             raise UserError(f"synthetic class_size_spread must be in [0, 3] (got {self.class_size_spread})")
         if self.distractor_domains < 0:
             raise UserError(f"synthetic distractor_domains must be >= 0 (got {self.distractor_domains})")
+        if self.cue_params and (len(set(self.cue_params)) != len(self.cue_params)
+                                or not all(0 <= c < NUM_PARAMS for c in self.cue_params)
+                                or len(self.cue_params) < self.class_cues):
+            raise UserError(f"synthetic cue_params {list(self.cue_params)} must be distinct attributes in [0, {NUM_PARAMS - 1}], "
+                            f"at least class_cues ({self.class_cues}) of them; [] = all")
         if not 0 <= self.shared_cue_weight < 1:
             raise UserError(f"synthetic shared_cue_weight must be in [0, 1) (got {self.shared_cue_weight})")
         if self.domains_per_task > self.num_domains:
@@ -393,8 +411,9 @@ class SynthConfig:
         regime's fields only when set, so trees of the original regime keep their synth.json."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root"
                and (f.name not in _HARDER_FIELDS or self.harder())}
-        if "task_class_counts" in out:
-            out["task_class_counts"] = list(out["task_class_counts"])
+        for name in ("task_class_counts", "cue_params"):
+            if name in out:
+                out[name] = list(out[name])
         return out
 
     def harder(self) -> bool:
@@ -406,7 +425,7 @@ class SynthConfig:
         return self.task_class_counts or (self.classes_per_task_domain,) * self.domains_per_task
 
 
-_HARDER_FIELDS = ("task_class_counts", "class_size_spread", "distractor_domains", "shared_cue_weight")
+_HARDER_FIELDS = ("task_class_counts", "class_size_spread", "distractor_domains", "shared_cue_weight", "cue_params")
 
 
 @dataclass
@@ -443,7 +462,7 @@ def _class_params(seed: int, dom: _Domain, count: int) -> tuple[list[tuple], lis
 
 def _plan(cfg: SynthConfig) -> tuple[list[_Domain], list[_Class], list[_Task]]:
     """Domains (distractors last), source classes (domain-major) and downstream tasks, all from the seed."""
-    domains = _domains(cfg.num_domains, cfg.class_cues, cfg.shared_cue_weight)
+    domains = _domains(cfg.num_domains, cfg.class_cues, cfg.shared_cue_weight, cfg.cue_params)
     n = cfg.num_domains * cfg.classes_per_domain
     wnid_rng = np.random.default_rng((cfg.seed, _TAG_WNIDS))
     numbers = 1_000_000 + wnid_rng.choice(15_000_000, size=n, replace=False)
@@ -473,7 +492,7 @@ def _add_distractors(cfg: SynthConfig, domains: list[_Domain], source: list[_Cla
         models = sorted(tasks[0].domains, key=lambda d: (-share[d.name], d.index))
     else:
         models = domains
-    extra = [_lookalike(models[j % len(models)], cfg.num_domains + j, cfg.num_domains)
+    extra = [_lookalike(models[j % len(models)], cfg.num_domains + j, cfg.num_domains, cfg.cue_params)
              for j in range(cfg.distractor_domains)]
     taken = {int(c.name[1:]) - 1_000_000 for c in source}
     rng = np.random.default_rng((cfg.seed, _TAG_DISTRACTOR))
