@@ -23,6 +23,8 @@ votes carry the signal) over ratios 0.2-0.9 with 3 seeds, and prints one JSON li
 
 (LP test top-1 in percent; dense under ratio 0). Target: LM and FM >= random-class + 5 points at 0.8 and
 above LM-reverse, in 40 minutes on 2 cores. The report's table and plot carry the spread over seeds.
+Every method pretrains supervised there; ``--v2 --config jobs/configs/reproduce_v2_ssl.yaml`` is the SSL arm
+(FM under MoCo v2, its published pairing; the same JSON keys, its header says what it measured on CPU).
 """
 
 from __future__ import annotations
