@@ -18,8 +18,9 @@ other cues, and non-cue parameters keep part of the class value so every domain 
 ``cue_params`` limits which attributes may be cues. Self-supervised pretraining (MoCo v2) is trained to
 ignore what its augmentations change: colour jitter moves hue by up to 0.1 (a class's hue offset spans
 0.03), and the horizontal flip mirrors the texture angle. ``cue_params: [0, 1, 2]`` (shape a, shape b,
-texture frequency, which is counted per object radius and so survives the random crop's scale) makes
-classes a self-supervised learner can tell apart, as real classes differ in shape rather than in tint.
+texture frequency, which is counted per object radius and so survives the random crop's scale) gives
+classes whose cues those augmentations leave in place, as real classes differ in shape rather than in tint.
+(Whether MoCo then learns them is a matter of budget: jobs/configs/reproduce_v2_ssl.yaml did not on 2 CPUs.)
 ground_truth.json then grades relevance per source class and lists the distractors.
 
 Layout written under ``root``::

@@ -221,10 +221,11 @@ def _finetune(model: Surrogate, train: Split, evals: dict[str, tuple[torch.Tenso
     order_gen = torch.Generator().manual_seed(cfg.seed)  # the same epoch order on every worker
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + w.rank)
     usable = len(labels) - len(labels) % w.world  # equal shards, so every worker takes the same number of steps
-    step = min(cfg.batch_size, usable // w.world)
-    if step < MIN_TRAIN_BATCH:
+    per_worker = usable // w.world
+    if per_worker < MIN_TRAIN_BATCH:
         raise UserError(f"full finetuning needs at least {MIN_TRAIN_BATCH} training images per worker; {cfg.task} "
-                        f"leaves {usable // w.world} for each of {w.world} (lower val_fraction or num_workers)")
+                        f"leaves {per_worker} for each of {w.world} (lower val_fraction or num_workers)")
+    step = min(cfg.batch_size, per_worker)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
