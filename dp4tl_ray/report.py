@@ -33,7 +33,7 @@ from dp4tl_ray.results import (  # REFERENCES: rows without a ratio
     load_results,
     pretrain_seconds,
 )
-from dp4tl_ray.select.pipeline import METHODS
+from dp4tl_ray.select.pipeline import METHODS, pairing_note
 
 METHOD_ORDER = (DENSE,) + METHODS + (RANDOM_INIT,)
 GROUP_KEYS = ("mode", "arch", "surrogate", "task")
@@ -507,6 +507,9 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
              "Pruning ratio: fraction of units (classes or clusters) removed.", READING]
     for group, members in group_trials(trials).items():
         parts.append(f"## {_group_title(group)}")
+        note = pairing_note((t["method"], group[GROUP_KEYS.index("mode")]) for t in members)
+        if note:
+            parts.append(note)
         for m in METRICS:
             table = accuracy_table(acc, group, m.name)
             if table:

@@ -36,7 +36,7 @@ from dp4tl_ray.errors import UserError
 from dp4tl_ray.featurestore import MANIFEST, FeatureStore
 from dp4tl_ray.progress import say
 from dp4tl_ray.results import DENSE, RANDOM_INIT, RECORD_KEYS, REFERENCES, write_results
-from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, REVERSE, UNIT_METHODS, select_keepset
+from dp4tl_ray.select.pipeline import IMAGE_METHODS, METHODS, REVERSE, UNIT_METHODS, pairing_note, select_keepset
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,9 @@ class SweepConfig:
         if self.match_budget and self.match_budget not in UNIT_METHODS + ("random-class",):
             raise UserError(f"sweep.match_budget must be one of {', '.join(UNIT_METHODS)}, random-class or null, "
                             f"got {self.match_budget!r}")
+        note = pairing_note((m, mode) for m in self.methods for mode in self.modes)
+        if note:
+            log.warning(note)
         if set(self.methods) & set(IMAGE_METHODS) and not self.match_budget:
             log.info("image-level baselines keep 1 - ratio of the images (sweep.match_budget is null)")
         for arch, seconds in self.surrogate_costs.items():

@@ -369,3 +369,22 @@ def test_report_names_the_runs_that_probe_below_the_untrained_backbone():
     assert "fm at 90%" not in md.split("Runs below")[1].split("\n\n")[0]
     # Without a random-init cell there is no floor to compare with, and nothing is said.
     assert "Runs below" not in report_markdown(runs, accuracy_rows(runs), time_rows(runs))
+
+
+def test_report_marks_each_group_whose_methods_are_outside_the_papers_pairing():
+    # LM is proposed for supervised pretraining, FM for self-supervised: P5 v2 runs fm supervised (an extension).
+    def group(mode):
+        return [_trial(m, 0.8, 0, 0.5, mode=mode) for m in ("lm", "lm-reverse", "fm", "fm-classmean", "random-class")]
+
+    md = report_markdown(group("supervised"), accuracy_rows(group("supervised")), time_rows(group("supervised")))
+    section = md.split("## ")[1]
+    assert ("Outside the paper's pairings: fm under supervised, fm-classmean under supervised. The paper proposes LM "
+            "for supervised and FM for self-supervised pretraining; these cells are an extension, not its setting. "
+            "FM keeps clusters, not classes: its keep-sets hold parts of source classes") in section
+    ssl = group("moco_v2")
+    md = report_markdown(ssl, accuracy_rows(ssl), time_rows(ssl))
+    assert "Outside the paper's pairings: lm under moco_v2, lm-reverse under moco_v2. " in md
+    assert "FM keeps clusters" not in md  # FM under MoCo v2 is the paper's own setting
+    # Adversarial pretraining is supervised PGD here: LM's pairing; only the baselines: nothing is said.
+    adv = [_trial(m, 0.8, 0, 0.5, mode="adversarial") for m in ("lm", "random-class", "moderate")]
+    assert "Outside the paper's pairings" not in report_markdown(adv, accuracy_rows(adv), time_rows(adv))

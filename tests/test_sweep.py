@@ -119,6 +119,20 @@ def test_fm_gets_its_own_self_supervised_surrogate():
     assert methods_per_surrogate(by_fm) == {moco: ["fm", "random-class", "moderate"], SurrogateRef("resnet18"): ["lm"]}
 
 
+def test_a_plan_pairing_a_method_with_a_mode_the_paper_does_not_says_so(caplog):
+    from dp4tl_ray.sweep import SweepConfig
+
+    with caplog.at_level(logging.WARNING, logger="dp4tl_ray.sweep"):
+        SweepConfig(methods=["dense", "lm", "fm", "random-class"], modes=["supervised", "moco_v2"]).validate()
+    assert [r.getMessage().split(". ")[0] for r in caplog.records] == \
+        ["Outside the paper's pairings: fm under supervised, lm under moco_v2"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dp4tl_ray.sweep"):
+        SweepConfig(methods=["dense", "lm", "lm-reverse", "moderate"], modes=["supervised", "adversarial"]).validate()
+        SweepConfig(methods=["fm", "fm-reverse", "random-class"], modes=["moco_v2"]).validate()
+    assert not caplog.records
+
+
 def test_a_surrogate_checkpoint_is_given_per_surrogate_name(tmp_path):
     from dp4tl_ray.sweep import SurrogateCost, SurrogateRef, _surrogate
 

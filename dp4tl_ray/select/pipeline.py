@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -49,6 +49,30 @@ KMEANS_METHODS = ("fm", "fm" + REVERSE)  # their units are k-means clusters of t
 IMAGE_METHODS = ("random-image", "moderate", "el2n", "grand")  # prune images to an image budget
 METHODS = UNIT_METHODS + ("random-class",) + IMAGE_METHODS
 ACTOR_METHODS = KMEANS_METHODS + ("fm-classmean", "moderate")  # read the source features on Ray actors
+# The paper's pairings: LM for pretraining with labels (supervised; the adversarial mode is supervised PGD),
+# FM for self-supervised pretraining. Either method (and its variants) in another mode is an extension.
+PUBLISHED_MODES = {"lm": ("supervised", "adversarial"), "fm": ("moco_v2",)}
+
+
+def outside_published_pairing(method: str, mode: str | None) -> bool:
+    """Whether ``method`` pretrained in ``mode`` is a pairing the paper does not make (False for the baselines,
+    which the paper runs in every mode, and for trials without pretraining)."""
+    modes = PUBLISHED_MODES.get(method.removesuffix(REVERSE).split("-")[0])
+    return bool(modes) and mode is not None and mode not in modes
+
+
+def pairing_note(method_modes: Iterable[tuple[str, str | None]]) -> str | None:
+    """One sentence on the (method, pretraining mode) pairs the paper does not make, or None when there are none
+    (the sweep logs it when planning, the report prints it over each table)."""
+    pairs = sorted({(m, mode) for m, mode in method_modes if outside_published_pairing(m, mode)})
+    if not pairs:
+        return None
+    text = (f"Outside the paper's pairings: {', '.join(f'{m} under {mode}' for m, mode in pairs)}. The paper proposes "
+            "LM for supervised and FM for self-supervised pretraining; these cells are an extension, not its setting.")
+    if any(m.startswith("fm") and mode in PUBLISHED_MODES["lm"] for m, mode in pairs):
+        text += (" FM keeps clusters, not classes: its keep-sets hold parts of source classes, and pretraining with "
+                 "labels learns each class from the part it kept.")
+    return text
 
 
 @dataclass
