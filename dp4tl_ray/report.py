@@ -507,7 +507,8 @@ def report_markdown(trials: list[dict[str, Any]], acc: list[dict[str, Any]], tim
              "Pruning ratio: fraction of units (classes or clusters) removed.", READING]
     for group, members in group_trials(trials).items():
         parts.append(f"## {_group_title(group)}")
-        note = pairing_note((t["method"], group[GROUP_KEYS.index("mode")]) for t in members)
+        mode = _group_fields(group)["mode"]
+        note = pairing_note((t["method"], mode) for t in members)
         if note:
             parts.append(note)
         for m in METRICS:

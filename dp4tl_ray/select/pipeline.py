@@ -54,10 +54,15 @@ ACTOR_METHODS = KMEANS_METHODS + ("fm-classmean", "moderate")  # read the source
 PUBLISHED_MODES = {"lm": ("supervised", "adversarial"), "fm": ("moco_v2",)}
 
 
+def _family(method: str) -> str:
+    """The published method a variant belongs to: lm-reverse -> lm, fm-classmean / fm-reverse -> fm."""
+    return method.removesuffix(REVERSE).split("-")[0]
+
+
 def outside_published_pairing(method: str, mode: str | None) -> bool:
     """Whether ``method`` pretrained in ``mode`` is a pairing the paper does not make (False for the baselines,
     which the paper runs in every mode, and for trials without pretraining)."""
-    modes = PUBLISHED_MODES.get(method.removesuffix(REVERSE).split("-")[0])
+    modes = PUBLISHED_MODES.get(_family(method))
     return bool(modes) and mode is not None and mode not in modes
 
 
@@ -69,7 +74,7 @@ def pairing_note(method_modes: Iterable[tuple[str, str | None]]) -> str | None:
         return None
     text = (f"Outside the paper's pairings: {', '.join(f'{m} under {mode}' for m, mode in pairs)}. The paper proposes "
             "LM for supervised and FM for self-supervised pretraining; these cells are an extension, not its setting.")
-    if any(m.startswith("fm") and mode in PUBLISHED_MODES["lm"] for m, mode in pairs):
+    if any(_family(m) == "fm" and mode in PUBLISHED_MODES["lm"] for m, mode in pairs):
         text += (" FM keeps clusters, not classes: its keep-sets hold parts of source classes, and pretraining with "
                  "labels learns each class from the part it kept.")
     return text
